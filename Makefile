@@ -1,0 +1,41 @@
+# gradflow-sweeps: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The pinned torch build is installed first, so the project's `torch>=` range adds nothing. Here that is the
+# CPU wheel on disk; on a GPU machine the same pin from PyPI is a CUDA build (or set TORCH_SPEC).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast ui clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the project (skipped when pyproject.toml is unchanged)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+train: install ## one training run on the default config into mlflow.db (ARGS="activation=relu init=he")
+	$(PY) -m src.train $(ARGS)
+
+test: install ## the whole test suite (PYTEST_ARGS="-m 'not slow'" for the quick tiers)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the test suite without the slow subprocess tiers
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+ui: install ## the MLflow UI on mlflow.db (or $MLFLOW_TRACKING_URI), opened on the runs table
+	$(PY) -m src.ui $(ARGS)
+
+clean: ## remove outputs of runs (keeps mlflow.db and .venv)
+	rm -rf outputs multirun

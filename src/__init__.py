@@ -1,0 +1,1 @@
+"""gradflow-sweeps: see why a deep net does not train."""

@@ -1,0 +1,84 @@
+"""PNG figures of one run, drawn from the dense trace and the run-level scalar history."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+
+def _layer_colors(n: int):
+    return plt.cm.viridis(np.linspace(0, 0.95, n))
+
+
+def gradient_flow(trace: dict, path: Path, title: str = "") -> Path:
+    """Heatmap of ||dL/ds|| per layer (rows, input at the bottom) over steps, log colour scale."""
+    bp = trace["backprop_norm"].T  # [L, T]
+    finite = bp[np.isfinite(bp) & (bp > 0)]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if finite.size:
+        steps = trace["steps"]
+        im = ax.imshow(np.where(bp > 0, bp, np.nan), aspect="auto", origin="lower", interpolation="nearest",
+                       norm=LogNorm(vmin=finite.min(), vmax=finite.max()), cmap="magma",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, bp.shape[0] - 0.5))
+        fig.colorbar(im, ax=ax, label="backprop_norm  ||dL/ds||")
+    ax.set(xlabel="step", ylabel="layer (0 = input side)", title=title or "gradient flow")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_curves(trace: dict, path: Path, stats: tuple[str, ...], log: bool = True, title: str = "") -> Path:
+    """One panel per statistic, one line per layer."""
+    fig, axes = plt.subplots(1, len(stats), figsize=(5.2 * len(stats), 4), squeeze=False)
+    steps = trace["steps"]
+    n_layers = trace[stats[0]].shape[1]
+    for ax, stat in zip(axes[0], stats):
+        for layer, color in zip(range(n_layers), _layer_colors(n_layers)):
+            ax.plot(steps, trace[stat][:, layer], color=color, lw=1, label=f"layer {layer:02d}")
+        ax.set(xlabel="step", title=stat)
+        if log:
+            ax.set_yscale("log")
+    axes[0][-1].legend(fontsize=7, ncol=2, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "") -> Path:
+    """Loss and accuracy, train and validation."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, what in zip(axes, ("loss", "acc")):
+        for split, style in (("train", "-"), ("val", "o-")):
+            pts = history.get(f"{split}/{what}", [])
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, style, ms=3, label=split)
+        ax.set(xlabel="step", title=what)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [training_curves(history, out_dir / "curves.png", title)]
+    if trace is not None and len(trace["steps"]):
+        paths += [
+            gradient_flow(trace, out_dir / "gradient_flow.png", title),
+            layer_curves(trace, out_dir / "layer_norms.png", ("grad_norm", "backprop_norm"), True, title),
+            layer_curves(trace, out_dir / "saturation.png", ("act_saturation",), False, title),
+        ]
+    return paths

@@ -1,0 +1,91 @@
+"""Names in config -> callables. Unknown names fail loudly and list the valid ones.
+
+Each activation carries, besides its module, its derivative as a function of the pre-activation and
+that derivative's maximum: the statistics callback uses them to count saturated (sigmoid, tanh) or dead
+(ReLU) units without a second backward pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class UnknownNameError(ValueError):
+    """A config names an activation/init/... that the registry does not know."""
+
+
+def _lookup(table: dict, kind: str, name: str):
+    if name not in table:
+        raise UnknownNameError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table))}")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class Activation:
+    make: Callable[..., nn.Module]
+    derivative: Callable[[Tensor], Tensor]  # f'(s) for pre-activation s
+    max_derivative: float
+
+
+def _gelu_prime(s: Tensor) -> Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(s / math.sqrt(2.0)))
+    return cdf + s * torch.exp(-0.5 * s * s) / math.sqrt(2.0 * math.pi)
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+
+ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": Activation(nn.Sigmoid, lambda s: torch.sigmoid(s) * (1 - torch.sigmoid(s)), 0.25),
+    "tanh": Activation(nn.Tanh, lambda s: 1 - torch.tanh(s) ** 2, 1.0),
+    "relu": Activation(nn.ReLU, lambda s: (s > 0).to(s.dtype), 1.0),
+    # derivative uses the default slope; the saturation threshold (5% of max) counts leaky units < 0 as dead
+    "leaky_relu": Activation(nn.LeakyReLU, lambda s: torch.where(s > 0, 1.0, 0.01).to(s.dtype), 1.0),
+    "elu": Activation(nn.ELU, lambda s: torch.where(s > 0, torch.ones_like(s), torch.exp(s)), 1.0),
+    "selu": Activation(
+        nn.SELU,
+        lambda s: _SELU_SCALE * torch.where(s > 0, torch.ones_like(s), _SELU_ALPHA * torch.exp(s)),
+        _SELU_SCALE * _SELU_ALPHA,
+    ),
+    "gelu": Activation(nn.GELU, _gelu_prime, 1.1289),  # max of GELU' at s ~ 1.414
+    "softsign": Activation(nn.Softsign, lambda s: 1.0 / (1.0 + s.abs()) ** 2, 1.0),
+    "identity": Activation(nn.Identity, torch.ones_like, 1.0),
+}
+
+# nn.Module class -> registry entry, so the callback can recognise activations in any user model.
+ACTIVATION_BY_TYPE: dict[type, Activation] = {a.make: a for a in ACTIVATIONS.values()}
+
+
+def activation(name: str, **params) -> nn.Module:
+    return _lookup(ACTIVATIONS, "activation", name).make(**params)
+
+
+def _lecun_normal(w: Tensor) -> None:
+    nn.init.normal_(w, 0.0, 1.0 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(w)[0]))
+
+
+# Each takes the weight tensor plus the option's parameters and fills it in place; biases are zeroed
+# by the model (except torch_default, which keeps PyTorch's own bias init too).
+INITS: dict[str, Callable[..., None]] = {
+    "xavier_uniform": lambda w: nn.init.xavier_uniform_(w),
+    "xavier_normal": lambda w: nn.init.xavier_normal_(w),
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu"),
+    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, mode="fan_in", nonlinearity="relu"),
+    "lecun_normal": _lecun_normal,
+    "normal": lambda w, std=1.0: nn.init.normal_(w, 0.0, std),
+    "orthogonal": lambda w, gain=1.0: nn.init.orthogonal_(w, gain=gain),
+    "torch_default": lambda w: None,
+}
+
+
+def init_fn(name: str, **params) -> Callable[[Tensor], None]:
+    fn = _lookup(INITS, "init", name)
+    return lambda w: fn(w, **params)
+
+
+def optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
+    table = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam}
+    return _lookup(table, "optimizer", name)(params, **kwargs)

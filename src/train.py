@@ -1,0 +1,127 @@
+"""Entry point: `python -m src.train [overrides]`, or `-m` for a multirun. `train(cfg)` is importable."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from src import plots, tracking
+from src.callback import GradientStatsCallback
+from src.data import ArrayDataModule
+from src.model import Classifier, build_mlp
+from src.trace import read_trace
+
+GROUPS = ("data", "model", "activation", "init", "optimizer", "trainer", "stats", "tracking")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Seed, build, fit with statistics, track in MLflow; return the final run-level metrics."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = ArrayDataModule(**_plain(cfg.data), seed=cfg.seed)
+    widths = list(cfg.model.widths) if cfg.model.widths else [cfg.model.width] * cfg.model.depth
+    net = build_mlp(
+        data.in_dim, data.n_classes, widths,
+        activation=cfg.activation.name, activation_params=_plain(cfg.activation, drop=("name",)),
+        init=cfg.init.name, init_params=_plain(cfg.init, drop=("name",)),
+    )
+    module = Classifier(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
+
+    out_dir = _output_dir()
+    choices = _choices(cfg)
+    run_name = cfg.tracking.run_name or _run_name(choices, cfg)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    with tracking.TrackedRun(uri, cfg.tracking.experiment, run_name, params=_params(cfg, choices),
+                             spool_dir=out_dir) as run:
+        logger = tracking.MlflowAsyncLogger(run.writer, cfg.tracking.experiment)
+        callbacks = []
+        stats_cb = None
+        if cfg.stats.enabled:
+            stats_cb = GradientStatsCallback(
+                every_n_steps=cfg.stats.every_n_steps, log_every_n_steps=cfg.stats.log_every_n_steps,
+                saturation_threshold=cfg.stats.saturation_threshold,
+                trace_path=out_dir / "trace.parquet", trace_chunk_steps=cfg.stats.trace_chunk_steps,
+            )
+            callbacks.append(stats_cb)
+        trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
+                            default_root_dir=str(out_dir))
+        try:
+            trainer.fit(module, datamodule=data)
+        finally:
+            _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
+        results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
+        print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
+              + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+    return results
+
+
+def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> None:
+    hydra_dir = out_dir / ".hydra"
+    if hydra_dir.is_dir():
+        run.log_artifact(hydra_dir, "hydra")
+    else:  # train(cfg) called without Hydra's runtime: save the composed config ourselves
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        run.log_artifact(out_dir / "config.yaml", "hydra")
+    trace_path = stats_cb.trace.close() if stats_cb and stats_cb.trace else None
+    if trace_path:
+        run.log_artifact(trace_path, "trace")
+    if cfg.tracking.plots:
+        trace = read_trace(trace_path) if trace_path else None
+        for p in plots.draw_all(trace, history, out_dir / "plots", title):
+            run.log_artifact(p, "plots")
+
+
+def _plain(node, drop: tuple = ()) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in drop}
+
+
+def _output_dir() -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(tempfile.mkdtemp(prefix="gradflow-"))
+
+
+def _choices(cfg) -> dict[str, str]:
+    """The option chosen in each config group (e.g. init=he), or the option's own name without Hydra."""
+    found = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    return {g: str(found.get(g) or cfg[g].get("name", "")) for g in GROUPS if g in cfg}
+
+
+def _run_name(choices: dict[str, str], cfg) -> str:
+    keys = [k for k in os.environ.get(tracking.SWEEP_KEYS_ENV, "").split(",") if k]
+    if keys and HydraConfig.initialized():
+        mine = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") in keys]
+        return ",".join(mine)
+    return f"{choices['activation']}-{choices['init']}-d{cfg.model.depth}"
+
+
+def _params(cfg, choices: dict[str, str]) -> dict[str, object]:
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat.update({g: choices[g] for g in ("activation", "init", "data", "optimizer") if g in choices})
+    return flat
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    objective = cfg.get("optimized_metric")
+    return metrics.get(objective) if objective else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`make ui`: serve the MLflow UI on the project's store and point the user at the runs table.
+
+MLflow 3's UI opens an experiment on a GenAI traces overview unless the experiment is tagged as
+custom model development; experiments created here carry that tag, and older ones get it now.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import webbrowser
+
+from mlflow.tracking import MlflowClient
+
+from src.tracking import EXPERIMENT_KIND, redact, resolve_uri
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--port", type=int, default=int(os.environ.get("MLFLOW_UI_PORT", 5000)))
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--experiment", default="gradflow")
+    args = ap.parse_args()
+    uri = resolve_uri()
+    if uri.startswith(("http://", "https://")):
+        sys.exit(f"MLFLOW_TRACKING_URI is a server ({redact(uri)}): open it in a browser instead")
+    client = MlflowClient(uri)
+    for exp in client.search_experiments():
+        if exp.tags.get("mlflow.experimentKind") is None:
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    exp = client.get_experiment_by_name(args.experiment)
+    base = f"http://{args.host}:{args.port}"
+    url = f"{base}/#/experiments/{exp.experiment_id}/runs" if exp else base
+    # own process group, so Ctrl-C / exit stops the server and its helper processes together
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+         "--host", args.host, "--port", str(args.port)], start_new_session=True,
+    )
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    return server.returncode
+                time.sleep(0.5)
+        print(f"\nMLflow UI: {url}\n(Ctrl-C to stop)", flush=True)
+        webbrowser.open(url)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
