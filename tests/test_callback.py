@@ -1,0 +1,139 @@
+"""Tier (c): the callback on a tiny real Trainer: exact keys, and values equal to a hand-written
+back-propagation of a 2-layer sigmoid net (numpy chain rule, no autograd)."""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from src.callback import GradientStatsCallback
+from src.stats import LAYER_STATS
+from src.trace import read_trace
+
+
+class ListLogger(Logger):
+    """A real Lightning logger that keeps what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    name, version = "list", "0"
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class TwoLayer(L.LightningModule):
+    """Any user module: s1 = W1 x + b1, a = sigmoid(s1), s2 = W2 a + b2, loss = mean (s2 - y)^2."""
+
+    def __init__(self, lr=0.5):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[0.5, -1.0], [2.0, 0.25]]))
+            self.fc1.bias.copy_(torch.tensor([0.1, -0.2]))
+            self.fc2.weight.copy_(torch.tensor([[1.5, -0.5]]))
+            self.fc2.bias.copy_(torch.tensor([0.3]))
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.fc2(self.act(self.fc1(x))) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+X = np.array([[1.0, 2.0], [-1.0, 0.5], [3.0, -2.0]])
+Y = np.array([[1.0], [0.0], [2.0]])
+
+
+def hand_backprop():
+    W1, b1 = np.array([[0.5, -1.0], [2.0, 0.25]]), np.array([0.1, -0.2])
+    W2, b2 = np.array([[1.5, -0.5]]), np.array([0.3])
+    s1 = X @ W1.T + b1
+    a = 1 / (1 + np.exp(-s1))
+    s2 = a @ W2.T + b2
+    d2 = 2 * (s2 - Y) / len(X)            # dL/ds2
+    dW2 = d2.T @ a
+    d1 = (d2 @ W2) * a * (1 - a)          # dL/ds1
+    dW1 = d1.T @ X
+    return dict(W1=W1, W2=W2, a=a, s1=s1, d1=d1, d2=d2, dW1=dW1, dW2=dW2)
+
+
+def fit(tmp_path, **trainer_kwargs):
+    data = DataLoader(TensorDataset(torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)),
+                      batch_size=3)
+    logger = ListLogger()
+    cb = GradientStatsCallback(every_n_steps=1, log_every_n_steps=1, trace_path=tmp_path / "t.parquet")
+    trainer = L.Trainer(max_steps=1, logger=logger, callbacks=[cb], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+                        **trainer_kwargs)
+    trainer.fit(TwoLayer(), data)
+    return logger, cb
+
+
+def test_exact_keys_and_hand_computed_values(tmp_path):
+    logger, _ = fit(tmp_path)
+    [(step, m)] = [(s, m) for s, m in logger.records if any("/layer_" in k for k in m)]
+    assert step == 0
+    expected = {f"{s}/layer_{i:02d}" for s in LAYER_STATS for i in (0, 1) if not (s.startswith("act_") and i == 1)}
+    assert set(m) == expected  # two Linear layers: no backprop_ratio (needs two hidden layers)
+
+    h, lr = hand_backprop(), 0.5
+    for i, (dW, d, W) in enumerate(((h["dW1"], h["d1"], h["W1"]), (h["dW2"], h["d2"], h["W2"]))):
+        k = f"layer_{i:02d}"
+        assert m[f"grad_norm/{k}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)
+        assert m[f"grad_mean/{k}"] == pytest.approx(dW.mean(), rel=1e-5, abs=1e-7)
+        assert m[f"grad_std/{k}"] == pytest.approx(dW.std(), rel=1e-5)
+        assert m[f"grad_absmax/{k}"] == pytest.approx(np.abs(dW).max(), rel=1e-5)
+        assert m[f"grad_zero_frac/{k}"] == 0.0
+        assert m[f"backprop_norm/{k}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
+        new = W - lr * dW
+        assert m[f"weight_mean/{k}"] == pytest.approx(new.mean(), rel=1e-5)
+        assert m[f"weight_std/{k}"] == pytest.approx(new.std(), rel=1e-5)
+        assert m[f"update_ratio/{k}"] == pytest.approx(lr * np.linalg.norm(dW) / np.linalg.norm(W), rel=1e-5)
+    a = h["a"]
+    assert m["act_mean/layer_00"] == pytest.approx(a.mean(), rel=1e-5)
+    assert m["act_std/layer_00"] == pytest.approx(a.std(), rel=1e-5)
+    sat = (a * (1 - a) < 0.05 * 0.25).mean()
+    assert m["act_saturation/layer_00"] == pytest.approx(sat)
+
+
+def test_trace_holds_every_recorded_step(tmp_path):
+    _, cb = fit(tmp_path)
+    trace = read_trace(cb.trace_path)
+    assert trace["steps"].tolist() == [0]
+    assert trace["grad_norm"].shape == (1, 2)
+    assert trace["backprop_norm"][0, 0] == pytest.approx(np.linalg.norm(hand_backprop()["d1"]), rel=1e-5)
+
+
+def test_validates_its_arguments():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GradientStatsCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="multiple"):
+        GradientStatsCallback(every_n_steps=3, log_every_n_steps=10)
+    with pytest.raises(ValueError, match="saturation_threshold"):
+        GradientStatsCallback(saturation_threshold=2.0)
+
+
+def test_fails_loudly_without_linear_layers(tmp_path):
+    class NoLinear(TwoLayer):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = self.fc2 = None
+            self.conv = nn.Conv1d(1, 1, 1)
+
+    cb = GradientStatsCallback()
+    trainer = L.Trainer(max_steps=1, logger=False, callbacks=[cb], enable_progress_bar=False,
+                        enable_checkpointing=False, accelerator="cpu")
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        cb.setup(trainer, NoLinear(), "fit")
