@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from sklearn import datasets as skd
 from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
 
 DATASETS = ("digits", "moons", "circles", "mnist", "fashion_mnist")
@@ -84,8 +85,10 @@ def load_arrays(name: str, seed: int, **opts) -> tuple[np.ndarray, np.ndarray, n
             raise ValueError(f"unknown data {name!r}; valid: {', '.join(DATASETS)}")
         x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
     if opts.get("standardize"):
-        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-8
-        x_tr, x_va = (x_tr - mu) / sd, (x_va - mu) / sd
+        # StandardScaler leaves zero-variance features unscaled (digits has always-blank pixels in training
+        # that are not blank in validation: dividing by a tiny std would turn them into huge inputs)
+        scaler = StandardScaler().fit(x_tr)
+        x_tr, x_va = scaler.transform(x_tr), scaler.transform(x_va)
     f32, i64 = np.float32, np.int64
     return x_tr.astype(f32), y_tr.astype(i64), x_va.astype(f32), y_va.astype(i64)
 

@@ -2,6 +2,8 @@
 
 MLflow 3's UI opens an experiment on a GenAI traces overview unless the experiment is tagged as
 custom model development; experiments created here carry that tag, and older ones get it now.
+MLflow >= 3.17 ignores that tag while its sidebar's GenAI / Model training switch is shown: the switch
+(kept per browser, GenAI by default) decides, so the printed URL also selects Model training.
 """
 from __future__ import annotations
 
@@ -34,7 +36,12 @@ def main() -> int:
             client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     exp = client.get_experiment_by_name(args.experiment)
     base = f"http://{args.host}:{args.port}"
-    url = f"{base}/#/experiments/{exp.experiment_id}/runs" if exp else base
+    # workflowType selects the sidebar's "Model training" side for this visit (older UIs ignore it)
+    route = f"/experiments/{exp.experiment_id}/runs" if exp else "/"
+    url = f"{base}/#{route}?workflowType=machine_learning"
+    # `kill` / a closed terminal end this process through the `finally` below, not around it
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(0))
     # own process group, so Ctrl-C / exit stops the server and its helper processes together
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

@@ -26,6 +26,7 @@ def test_standardize_uses_training_statistics():
     x_tr, _, x_va, _ = load_arrays("digits", 0, val_fraction=0.2, standardize=True)
     assert np.abs(x_tr.mean(0)).max() < 1e-4
     assert np.abs(x_va.mean(0)).max() > 1e-3  # validation is transformed, not re-fitted
+    assert np.abs(x_va).max() < 100  # features constant in training do not blow up in validation
 
 
 def test_mnist_idx_files(tiny_mnist):
