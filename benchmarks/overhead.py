@@ -1,0 +1,132 @@
+"""Per-step cost of the gradient statistics, measured side by side in one process.
+
+    python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu]
+
+For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times, and
+takes the median wall time per optimizer step (from on_train_batch_start to the next one, after a
+warm-up). Conditions:
+  off        our pipeline with stats=off: the async MLflow logger gets train/loss every 10 steps
+  stats      + GradientStatsCallback recording every statistic of every layer on every step
+             (dense Parquet trace every step, MLflow snapshot every 10 steps)
+  lightning  Lightning's own way of logging per-layer norms every step: grad_norm() + self.log_dict()
+             in on_before_optimizer_step, MLFlowLogger on a SQLite store, log_every_n_steps=1
+The last lines are machine-readable: overhead_ratio_small (10x64), overhead_ratio (20x256),
+overhead_ratio_wide (5x1024) and vs_lightning_ratio (lightning / stats, 10x64).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from src import tracking  # noqa: E402
+from src.callback import GradientStatsCallback  # noqa: E402
+from src.model import Classifier, build_mlp  # noqa: E402
+
+MODELS = {"small": (10, 64, "sigmoid"), "mid": (20, 256, "relu"), "wide": (5, 1024, "relu")}
+
+
+class StepTimer(L.Callback):
+    def __init__(self):
+        self.t: list[float] = []
+
+    def on_train_batch_start(self, *args):
+        self.t.append(time.perf_counter())
+
+    def median_step(self, warmup: int) -> float:
+        d = [b - a for a, b in zip(self.t[warmup:], self.t[warmup + 1:])]
+        return statistics.median(d)
+
+
+class LightningWay(Classifier):
+    """Per-layer gradient norms the way Lightning's docs show it."""
+
+    def on_before_optimizer_step(self, optimizer):
+        self.log_dict(grad_norm(self.net, norm_type=2))
+
+
+def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, device: str, workdir: Path) -> float:
+    depth, width, act = MODELS[model]
+    torch.manual_seed(0)
+    x, y = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
+    data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    net = build_mlp(64, 10, [width] * depth, act, "xavier_uniform")
+    cls = LightningWay if condition == "lightning" else Classifier
+    module = cls(net, "sgd", {"lr": 0.01})
+    timer = StepTimer()
+    callbacks: list = [timer]
+    run = None
+    if condition == "lightning":
+        logger = MLFlowLogger(experiment_name="bench-lightning", tracking_uri=uri)
+        log_every = 1
+    else:
+        client = MlflowClient(uri)
+        exp = tracking.ensure_experiment(client, "bench", uri)
+        run = client.create_run(exp, run_name=f"{model}-{condition}").info.run_id
+        writer = tracking.AsyncRunWriter(client, run, spool_dir=workdir)
+        logger = tracking.MlflowAsyncLogger(writer, "bench")
+        log_every = 10
+        if condition == "stats":
+            callbacks.append(GradientStatsCallback(every_n_steps=1, log_every_n_steps=10,
+                                                   trace_path=workdir / f"{run}.parquet"))
+    trainer = L.Trainer(max_steps=steps + warmup, logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, accelerator=device, devices=1)
+    trainer.fit(module, data)
+    if run is not None:
+        writer.close()
+        client.set_terminated(run)
+    return timer.median_step(warmup)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="small,mid,wide")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    workdir = Path(tempfile.mkdtemp(prefix="gradflow-bench-"))
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    models = args.models.split(",")
+    conds = {m: ["off", "stats"] + (["lightning"] if m == "small" else []) for m in models}
+    times = {(m, c): [] for m in models for c in conds[m]}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch 32, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats", flush=True)
+    for r in range(args.repeats):
+        for m in models:
+            for c in conds[m]:
+                times[(m, c)].append(run_once(m, c, args.steps, args.warmup, uri, args.device, workdir))
+        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'model':<18}{'condition':<12}{'ms/step':>10}{'vs off':>9}")
+    for (m, c), t in med.items():
+        depth, width, act = MODELS[m]
+        print(f"{f'{depth}x{width} {act}':<18}{c:<12}{t * 1e3:>10.3f}{t / med[(m, 'off')]:>8.2f}x")
+    names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
+    print()
+    for m in models:
+        print(f"{names[m]}={med[(m, 'stats')] / med[(m, 'off')]:.3f}")
+    if "small" in models:
+        print(f"vs_lightning_ratio={med[('small', 'lightning')] / med[('small', 'stats')]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
