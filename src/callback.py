@@ -55,6 +55,9 @@ class GradientStatsCallback(L.Callback):
         self.linears: list[nn.Linear] = []
         self._handles: list = []
         self._armed = False
+        self._armed_step: int | None = None
+        self._before: list[Tensor] | None = None
+        self._pending = None
         self.act_layers: set[int] = set()
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -78,20 +81,17 @@ class GradientStatsCallback(L.Callback):
         self._handles.clear()
         if self.trace is not None:
             self.trace.close()
+        self._before = self._pending = None
 
     # ---- hooks: only do work on armed (recorded) training steps -------------------------------------
     def _linear_hook(self, i: int):
+        def keep_signal(g: Tensor):
+            self._signals[i] = g
+
         def hook(module, inputs, out):
-            if not self._armed or not module.training or not out.requires_grad:
-                return
-            self._last_linear = i
-
-            def on_grad(g: Tensor):
-                sq = g.detach().float().pow(2).sum()
-                # micro-batches of one optimizer step add up: the norm of the whole step's signal
-                self._bp_sq[i] = sq if self._bp_sq[i] is None else self._bp_sq[i] + sq
-
-            out.register_hook(on_grad)
+            if self._armed and module.training and out.requires_grad:
+                self._last_linear = i
+                out.register_hook(keep_signal)
 
         return hook
 
@@ -103,26 +103,34 @@ class GradientStatsCallback(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         self._armed = step % self.every_n_steps == 0
-        if self._armed and getattr(self, "_armed_step", None) != step:
-            # first micro-batch of this optimizer step
+        if self._armed and self._armed_step != step:  # first micro-batch of this optimizer step
             self._armed_step = step
-            self._bp_sq: list[Tensor | None] = [None] * len(self.linears)
+            self._bp_sq = torch.zeros(len(self.linears), dtype=torch.float64, device=pl_module.device)
             self._acts: dict[int, tuple] = {}
-            self._pending = None
+        self._signals: list[Tensor | None] = [None] * len(self.linears)
         self._last_linear = None
+
+    def on_after_backward(self, trainer, pl_module):
+        if not self._armed:
+            return
+        # fold this micro-batch's signal into the step's: ||dL/ds||^2 adds up over micro-batches
+        if all(g is not None for g in self._signals):
+            self._bp_sq += stats.backprop_sq_norms(self._signals)
+        else:  # a layer the loss does not reach (frozen, unused): no signal, NaN rather than a made-up 0
+            for i, g in enumerate(self._signals):
+                self._bp_sq[i] = float("nan") if g is None else self._bp_sq[i] + stats.backprop_sq_norms([g])[0]
+        self._signals = [None] * len(self.linears)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if not self._armed:
             return
         weights = [lin.weight for lin in self.linears]
         grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
-        n_layers = len(self.linears)
-        nan = torch.full((n_layers,), float("nan"), device=weights[0].device)
-        bp = torch.stack([s if s is not None else nan[0] for s in self._bp_sq]).sqrt()
+        bp = self._bp_sq.sqrt()
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # tensor hooks see the loss-scaled signal; weight grads are unscaled here
+        if scaler is not None:  # tensor hooks saw the loss-scaled signal; weight grads are unscaled here
             bp = bp / scaler.get_scale()
-        act = torch.full((n_layers, len(stats.ACT_STATS)), float("nan"), device=nan.device)
+        act = torch.full((len(weights), len(stats.ACT_STATS)), float("nan"), device=bp.device)
         if self._acts:
             idx = sorted(self._acts)
             self.act_layers.update(idx)
@@ -130,20 +138,28 @@ class GradientStatsCallback(L.Callback):
             act[idx] = stats.activation_stats(
                 [x[1] for x in a], [x[0] for x in a], [x[2].derivative for x in a],
                 [x[2].max_derivative for x in a], self.threshold,
-            ).to(act.device)
-        self._pending = (trainer.global_step, stats.moments(grads), bp, act,
-                         [w.detach().clone() for w in weights])
+            )
+        self._acts = {}
+        with torch.no_grad():  # the optimizer changes the weights in place: keep the pre-step copy
+            if self._before is None:
+                self._before = [w.clone() for w in weights]
+            else:
+                torch._foreach_copy_(self._before, weights)
+        nonfinite = torch.zeros(len(weights), 1, device=bp.device)
+        self._pending = (trainer.global_step, torch.cat([
+            stats.gradient_stats(grads), nonfinite, bp.float()[:, None], act], dim=1))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self._armed or self._pending is None:
             return
-        step, g, bp, act, before = self._pending
+        step, head = self._pending
         self._pending = None
-        after = [lin.weight.detach() for lin in self.linears]
-        table = torch.cat([
-            g, bp[:, None], act, stats.mean_std(after), stats.update_ratio(before, after)[:, None],
-        ], dim=1)
-        values = table.cpu().numpy()  # the one host sync of this step
+        after = [lin.weight for lin in self.linears]
+        values = torch.cat([head, stats.weight_stats(self._before, after)], dim=1).cpu().numpy()  # one sync
+        col = stats.LAYER_STATS.index("grad_norm")
+        if not np.isfinite(values[:, col]).all():  # rare: pay for counting the NaN/Inf entries
+            grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in after]
+            values[:, stats.LAYER_STATS.index("grad_nonfinite")] = stats.nonfinite_counts(grads).cpu().numpy()
         if self.trace is not None:
             self.trace.append(step, values)
         if step % self.log_every_n_steps == 0 and trainer.loggers:

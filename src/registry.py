@@ -39,7 +39,7 @@ def _gelu_prime(s: Tensor) -> Tensor:
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(nn.Sigmoid, lambda s: torch.sigmoid(s) * (1 - torch.sigmoid(s)), 0.25),
+    "sigmoid": Activation(nn.Sigmoid, lambda s: (p := torch.sigmoid(s)) * (1 - p), 0.25),
     "tanh": Activation(nn.Tanh, lambda s: 1 - torch.tanh(s) ** 2, 1.0),
     "relu": Activation(nn.ReLU, lambda s: (s > 0).to(s.dtype), 1.0),
     # derivative uses the default slope; the saturation threshold (5% of max) counts leaky units < 0 as dead

@@ -1,21 +1,11 @@
-"""Per-layer gradient statistics as pure functions of tensors.
-
-Every function takes a list of tensors (one per layer) and returns a float tensor of shape
-[n_layers, n_stats] on the tensors' device, so a caller syncs with the host once for all layers.
-The column order is the module-level tuple beside each function; the callback names metrics from them.
-"""
+"""The plain reference for src/stats.py: one tensor at a time, textbook formulas, no attention to cost.
+The tests require the fast implementation to agree with it."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-
-GRAD_STATS = ("grad_norm", "grad_mean", "grad_std", "grad_absmax", "grad_zero_frac")
-WEIGHT_STATS = ("weight_mean", "weight_std")
-ACT_STATS = ("act_mean", "act_std", "act_saturation")
-# Order of the per-layer columns in the dense trace; a stable API like the metric names.
-LAYER_STATS = GRAD_STATS + ("backprop_norm",) + ACT_STATS + WEIGHT_STATS + ("update_ratio",)
 
 
 def moments(tensors: Sequence[Tensor]) -> Tensor:
@@ -64,14 +54,3 @@ def update_ratio(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
         torch.linalg.vector_norm((a.float() - b.float())) / torch.linalg.vector_norm(b.float()).clamp_min(1e-30)
         for b, a in zip(before, after)
     ])
-
-
-def backprop_ratio(backprop_norms: Tensor) -> Tensor:
-    """Signal arriving at the first hidden layer relative to the last hidden layer.
-
-    `backprop_norms` holds ||dL/ds_l|| for every Linear layer l, the output layer last; the hidden layers
-    are all but the last. Tiny means the signal vanished on its way down; huge means it exploded.
-    """
-    if backprop_norms.numel() < 3:
-        return torch.tensor(float("nan"))
-    return backprop_norms[0] / backprop_norms[-2]

@@ -69,9 +69,9 @@ def hand_backprop():
     return dict(W1=W1, W2=W2, a=a, s1=s1, d1=d1, d2=d2, dW1=dW1, dW2=dW2)
 
 
-def fit(tmp_path, **trainer_kwargs):
-    data = DataLoader(TensorDataset(torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)),
-                      batch_size=3)
+def fit(tmp_path, batch_size=3, x=X, **trainer_kwargs):
+    data = DataLoader(TensorDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)),
+                      batch_size=batch_size)
     logger = ListLogger()
     cb = GradientStatsCallback(every_n_steps=1, log_every_n_steps=1, trace_path=tmp_path / "t.parquet")
     trainer = L.Trainer(max_steps=1, logger=logger, callbacks=[cb], enable_progress_bar=False,
@@ -96,16 +96,38 @@ def test_exact_keys_and_hand_computed_values(tmp_path):
         assert m[f"grad_std/{k}"] == pytest.approx(dW.std(), rel=1e-5)
         assert m[f"grad_absmax/{k}"] == pytest.approx(np.abs(dW).max(), rel=1e-5)
         assert m[f"grad_zero_frac/{k}"] == 0.0
+        assert m[f"grad_nonfinite/{k}"] == 0.0
         assert m[f"backprop_norm/{k}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
         new = W - lr * dW
         assert m[f"weight_mean/{k}"] == pytest.approx(new.mean(), rel=1e-5)
         assert m[f"weight_std/{k}"] == pytest.approx(new.std(), rel=1e-5)
-        assert m[f"update_ratio/{k}"] == pytest.approx(lr * np.linalg.norm(dW) / np.linalg.norm(W), rel=1e-5)
+        assert m[f"update_ratio/{k}"] == pytest.approx(lr * np.linalg.norm(dW) / np.linalg.norm(new), rel=1e-5)
     a = h["a"]
     assert m["act_mean/layer_00"] == pytest.approx(a.mean(), rel=1e-5)
     assert m["act_std/layer_00"] == pytest.approx(a.std(), rel=1e-5)
     sat = (a * (1 - a) < 0.05 * 0.25).mean()
     assert m["act_saturation/layer_00"] == pytest.approx(sat)
+
+
+def test_gradient_accumulation_reports_the_optimizer_step(tmp_path):
+    """Three micro-batches of one sample, accumulated: the same step as one batch of three (the loss is a
+    mean, Lightning divides each micro-batch's loss by 3), so every gradient statistic must match."""
+    logger, _ = fit(tmp_path, batch_size=1, accumulate_grad_batches=3)
+    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    h = hand_backprop()
+    for i, (dW, d) in enumerate(((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
+        assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)
+        assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
+
+
+def test_non_finite_gradients_are_counted_not_dropped(tmp_path):
+    x = X.copy()
+    x[0, 0] = np.inf  # one poisoned input: NaN/Inf in the first layer's weight gradient
+    logger, cb = fit(tmp_path, x=x)
+    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    assert m["grad_nonfinite/layer_00"] > 0
+    assert np.isnan(m["grad_norm/layer_00"])
+    assert read_trace(cb.trace_path)["grad_nonfinite"][0, 0] == m["grad_nonfinite/layer_00"]
 
 
 def test_trace_holds_every_recorded_step(tmp_path):
