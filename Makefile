@@ -11,7 +11,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast ui clean
+.PHONY: help install train test test-fast ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test-fast: install ## the test suite without the slow subprocess tiers
 
 ui: install ## the MLflow UI on mlflow.db (or $MLFLOW_TRACKING_URI), opened on the runs table
 	$(PY) -m src.ui $(ARGS)
+
+bench: install ## per-step overhead of the statistics vs stats=off and vs Lightning's own logging (~6 min)
+	$(PY) benchmarks/overhead.py $(ARGS)
 
 clean: ## remove outputs of runs (keeps mlflow.db and .venv)
 	rm -rf outputs multirun

@@ -1,0 +1,41 @@
+"""Tier (f): training against a real MLflow tracking server, including one that answers slowly."""
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from src.train import train
+from tests.conftest import SlowProxy, runs_of
+
+STEPS = 40
+CFG = [f"trainer.max_steps={STEPS}", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+       "trainer.enable_progress_bar=false", "model.depth=3", "model.width=16", "tracking.plots=false"]
+
+
+@pytest.mark.slow
+def test_train_against_a_real_server(mlflow_server, monkeypatch, compose_cfg):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    train(compose_cfg(CFG))
+    client, [run] = runs_of(mlflow_server)
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == STEPS
+    assert "trace" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_slow_server_loses_nothing_and_the_end_drains_with_progress(mlflow_server, monkeypatch, compose_cfg,
+                                                                      capfd):
+    port = int(mlflow_server.rsplit(":", 1)[1])
+    proxy = SlowProxy(port, delay=0.5)  # every request waits 0.5 s: the backlog outlasts the training
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{proxy.port}")
+        train(compose_cfg(CFG))
+    finally:
+        proxy.close()
+    client, [run] = runs_of(mlflow_server)
+    assert run.info.status == "FINISHED"
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in loss) == list(range(STEPS))  # no gaps
+    grad = client.get_metric_history(run.info.run_id, "grad_norm/layer_00")
+    assert sorted(m.step for m in grad) == list(range(STEPS))
+    assert "sending backlog" in capfd.readouterr().err
