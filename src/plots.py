@@ -11,6 +11,15 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 
+def _save(fig, path: Path, title: str = "") -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _layer_colors(n: int):
     return plt.cm.viridis(np.linspace(0, 0.95, n))
 
@@ -27,10 +36,7 @@ def gradient_flow(trace: dict, path: Path, title: str = "") -> Path:
                        extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, bp.shape[0] - 0.5))
         fig.colorbar(im, ax=ax, label="backprop_norm  ||dL/ds||")
     ax.set(xlabel="step", ylabel="layer (0 = input side)", title=title or "gradient flow")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def layer_curves(trace: dict, path: Path, stats: tuple[str, ...], log: bool = True, title: str = "") -> Path:
@@ -45,12 +51,7 @@ def layer_curves(trace: dict, path: Path, stats: tuple[str, ...], log: bool = Tr
         if log:
             ax.set_yscale("log")
     axes[0][-1].legend(fontsize=7, ncol=2, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "") -> Path:
@@ -64,12 +65,7 @@ def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, tit
                 ax.plot(x, y, style, ms=3, label=split)
         ax.set(xlabel="step", title=what)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str) -> list[Path]:

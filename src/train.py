@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -70,8 +71,13 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> None:
     if trace_path:
         run.log_artifact(trace_path, "trace")
     if cfg.tracking.plots:
-        trace = read_trace(trace_path) if trace_path else None
-        for p in plots.draw_all(trace, history, out_dir / "plots", title):
+        try:  # called from a `finally`: a figure that cannot be drawn must not hide the run's own error
+            trace = read_trace(trace_path) if trace_path else None
+            paths = plots.draw_all(trace, history, out_dir / "plots", title)
+        except Exception as e:  # noqa: BLE001
+            print(f"plots: could not draw the figures: {e}", file=sys.stderr)
+            paths = []
+        for p in paths:
             run.log_artifact(p, "plots")
 
 
