@@ -11,9 +11,9 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from src import plots, tracking
+from src import plots, tracking, validate
 from src.callback import GradientStatsCallback
-from src.data import ArrayDataModule
+from src.data import ArrayDataModule, DataFilesMissing
 from src.model import Classifier, build_mlp
 from src.trace import read_trace
 
@@ -22,6 +22,7 @@ GROUPS = ("data", "model", "activation", "init", "optimizer", "trainer", "stats"
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, build, fit with statistics, track in MLflow; return the final run-level metrics."""
+    validate.check(cfg)  # before anything is built or any MLflow run exists
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ArrayDataModule(**_plain(cfg.data), seed=cfg.seed)
     widths = list(cfg.model.widths) if cfg.model.widths else [cfg.model.width] * cfg.model.depth
@@ -124,7 +125,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except (validate.ConfigError, DataFilesMissing) as e:
+        print("config error:\n  " + str(e).replace("\n", "\n  "), file=sys.stderr)
+        sys.exit(2)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 

@@ -1,0 +1,58 @@
+"""Bad input fails fast, names the key and what is allowed, and creates no MLflow run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from src import validate
+from tests.conftest import ROOT, runs_of
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    ("model.depth=0", "model.depth", "integer >= 1"),
+    ("model.depth=2.5", "model.depth", "integer >= 1"),
+    ("model.width=abc", "model.width", "integer >= 1"),
+    ("model.widths=[64,0]", "model.widths", "list of integers"),
+    ("optimizer.lr=-0.1", "optimizer.lr", "> 0"),
+    ("data.batch_size=0", "data.batch_size", "integer >= 1"),
+    ("data.val_fraction=1.5", "data.val_fraction", "[0, 1)"),
+    ("trainer.max_steps=many", "trainer.max_steps", "or -1"),
+    ("trainer.max_epochs=0", "trainer.max_epochs", "or -1"),
+    ("seed=x", "seed", "integer"),
+    ("stats.every_n_steps=3", "stats.log_every_n_steps", "multiple"),
+    ("stats.saturation_threshold=2", "stats.saturation_threshold", "(0, 1)"),
+    ("tracking.uri=notaurl", "tracking.uri", "not a tracking URI"),
+    ("tracking.uri=http://", "tracking.uri", "not a tracking URI"),
+    ("data=mnist", "data.path", "no such file"),
+])
+def test_each_bad_value_is_named(override, key, hint, compose_cfg, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    found = validate.problems(compose_cfg([override, "data.path=/nonexistent"] if "mnist" in override else [override]))
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{key}=") and hint in found[0]
+
+
+def test_default_config_is_valid(compose_cfg, tracking_uri):
+    assert validate.problems(compose_cfg()) == []
+
+
+def test_password_never_printed(compose_cfg, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://bob:s3cret@host/x")
+    [msg] = validate.problems(compose_cfg())
+    assert "s3cret" not in msg and msg.startswith("$MLFLOW_TRACKING_URI=")
+
+
+@pytest.mark.slow
+def test_cli_exits_2_with_a_short_message_and_no_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-m", "src.train", "model.depth=0", "optimizer.lr=-1"], cwd=ROOT,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "model.depth=0: must be an integer >= 1" in done.stderr
+    assert "optimizer.lr=-1: must be a number > 0" in done.stderr
+    assert runs_of(uri)[1] == []
