@@ -53,6 +53,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                             default_root_dir=str(out_dir))
         try:
             trainer.fit(module, datamodule=data)
+        except SystemExit:
+            if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its own graceful shutdown
+                raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
+            raise
         finally:
             _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
@@ -130,6 +134,9 @@ def main(cfg: DictConfig) -> float | None:
     except (validate.ConfigError, DataFilesMissing) as e:
         print("config error:\n  " + str(e).replace("\n", "\n  "), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the MLflow run is marked KILLED, with what was recorded", file=sys.stderr)
+        sys.exit(130)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 

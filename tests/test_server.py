@@ -39,3 +39,48 @@ def test_slow_server_loses_nothing_and_the_end_drains_with_progress(mlflow_serve
     grad = client.get_metric_history(run.info.run_id, "grad_norm/layer_00")
     assert sorted(m.step for m in grad) == list(range(STEPS))
     assert "sending backlog" in capfd.readouterr().err
+
+
+def _count_metric(db, key: str) -> int:
+    """A read-only peek at the store (an MLflow client here could race the child's schema migration)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return con.execute("SELECT count(*) FROM metrics WHERE key = ?", (key,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed_and_keeps_what_was_recorded(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "src.train", "trainer.max_epochs=500", "trainer.enable_progress_bar=false",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until training has logged something
+            time.sleep(1)
+            if _count_metric(tmp_path / "mlflow.db", "train/loss"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "marked KILLED" in err
+    client, [run] = runs_of(uri)
+    assert run.info.status == "KILLED"
+    assert client.get_metric_history(run.info.run_id, "train/loss")
+    assert "trace" in {a.path for a in client.list_artifacts(run.info.run_id)}
