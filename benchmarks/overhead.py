@@ -30,7 +30,6 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from src import tracking  # noqa: E402
@@ -74,7 +73,7 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
         logger = MLFlowLogger(experiment_name="bench-lightning", tracking_uri=uri)
         log_every = 1
     else:
-        client = MlflowClient(uri)
+        client = tracking.client(uri)
         exp = tracking.ensure_experiment(client, "bench", uri)
         run = client.create_run(exp, run_name=f"{model}-{condition}").info.run_id
         writer = tracking.AsyncRunWriter(client, run, spool_dir=workdir)
@@ -98,7 +97,7 @@ def ingest(uri: str, n_requests: int = 20) -> tuple[float, float]:
     sustains when a training loop hands it one step's browsable metrics (14 stats x 11 layers) at a time."""
     from mlflow.entities import Metric
 
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     exp = tracking.ensure_experiment(client, "bench-ingest", uri)
     run = client.create_run(exp).info.run_id
     t0 = time.perf_counter()

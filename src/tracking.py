@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from filelock import FileLock
 from hydra.experimental.callback import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -35,6 +36,18 @@ def resolve_uri(uri: str | None = None) -> str:
     """$MLFLOW_TRACKING_URI, else the configured uri, else the embedded store mlflow.db in the cwd."""
     chosen = os.environ.get("MLFLOW_TRACKING_URI") or uri
     return chosen or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client(uri: str) -> MlflowClient:
+    """An MlflowClient; for a SQLite store, created under a file lock beside the database. Creating the
+    client creates or migrates the schema, and processes that do that at once on a new file all fail and
+    leave it half-migrated (seen with 4 parallel runs). Later clients find the schema in place."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=300):
+        return MlflowClient(uri)
 
 
 def redact(uri: str) -> str:
@@ -167,10 +180,10 @@ def _is_permanent(e: Exception) -> bool:
 
 def replay(spool: str | Path, uri: str | None = None) -> int:
     """Send a spool file's records to the tracking store; returns the number of values sent."""
-    client, n = MlflowClient(resolve_uri(uri)), 0
+    store, n = client(resolve_uri(uri)), 0
     for line in Path(spool).read_text().splitlines():
         rec = json.loads(line)
-        writer = AsyncRunWriter(client, rec["run_id"], spool_dir=Path(spool).parent / "replay-failed")
+        writer = AsyncRunWriter(store, rec["run_id"], spool_dir=Path(spool).parent / "replay-failed")
         writer._send([Metric(*m) for m in rec["metrics"]], [Param(k, v) for k, v in rec["params"].items()],
                      [RunTag(k, v) for k, v in rec["tags"].items()])
         writer.close()
@@ -217,7 +230,7 @@ class TrackedRun:
         self.params, self.tags, self.spool_dir = params, dict(tags or {}), spool_dir
 
     def __enter__(self) -> "TrackedRun":
-        self.client = MlflowClient(self.uri)
+        self.client = client(self.uri)
         exp_id = ensure_experiment(self.client, self.experiment, self.uri)
         parent = os.environ.get(PARENT_RUN_ENV)
         if parent:
@@ -266,7 +279,7 @@ class MultirunParentRun(Callback):
         swept = [o.input_line for o in parsed if o.is_sweep_override()]
         keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
         uri = resolve_uri(config.tracking.uri)
-        self.client = MlflowClient(uri)
+        self.client = client(uri)
         exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)
         name = "multirun " + " ".join(swept or overrides)
         self.run_id = self.client.create_run(exp_id, run_name=name[:250], tags={

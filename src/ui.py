@@ -16,9 +16,7 @@ import time
 import urllib.request
 import webbrowser
 
-from mlflow.tracking import MlflowClient
-
-from src.tracking import EXPERIMENT_KIND, redact, resolve_uri
+from src.tracking import EXPERIMENT_KIND, client as mlflow_client, redact, resolve_uri
 
 
 def main() -> int:
@@ -30,7 +28,7 @@ def main() -> int:
     uri = resolve_uri()
     if uri.startswith(("http://", "https://")):
         sys.exit(f"MLFLOW_TRACKING_URI is a server ({redact(uri)}): open it in a browser instead")
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     for exp in client.search_experiments():
         if exp.tags.get("mlflow.experimentKind") is None:
             client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
