@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
+from src import tracking
 from src.train import train
 from tests.conftest import SlowProxy, runs_of
 
@@ -23,8 +24,7 @@ def test_train_against_a_real_server(mlflow_server, monkeypatch, compose_cfg):
 
 
 @pytest.mark.slow
-def test_slow_server_loses_nothing_and_the_end_drains_with_progress(mlflow_server, monkeypatch, compose_cfg,
-                                                                      capfd):
+def test_slow_server_loses_nothing(mlflow_server, monkeypatch, compose_cfg):
     port = int(mlflow_server.rsplit(":", 1)[1])
     proxy = SlowProxy(port, delay=0.5)  # every request waits 0.5 s: the backlog outlasts the training
     try:
@@ -38,7 +38,25 @@ def test_slow_server_loses_nothing_and_the_end_drains_with_progress(mlflow_serve
     assert sorted(m.step for m in loss) == list(range(STEPS))  # no gaps
     grad = client.get_metric_history(run.info.run_id, "grad_norm/layer_00")
     assert sorted(m.step for m in grad) == list(range(STEPS))
+
+
+@pytest.mark.slow
+def test_closing_waits_for_the_backlog_with_a_progress_line(mlflow_server, capfd):
+    port = int(mlflow_server.rsplit(":", 1)[1])
+    proxy = SlowProxy(port, delay=1.0)
+    try:
+        slow = tracking.client(f"http://127.0.0.1:{proxy.port}")
+        run_id = slow.create_run(tracking.ensure_experiment(slow, "e", mlflow_server)).info.run_id
+        writer = tracking.AsyncRunWriter(slow, run_id)
+        for step in range(3):  # 3000 values: at least three 1000-metric requests, each held 1 s
+            writer.log_metrics({f"m/layer_{i:04d}": float(i) for i in range(1000)}, step)
+        writer.close()
+    finally:
+        proxy.close()
+    assert writer.sent == 3000 and writer.spooled_to is None
     assert "sending backlog" in capfd.readouterr().err
+    hist = MlflowClient(mlflow_server).get_metric_history(run_id, "m/layer_0999")
+    assert [m.step for m in hist] == [0, 1, 2]
 
 
 def _count_metric(db, key: str) -> int:
