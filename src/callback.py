@@ -22,6 +22,11 @@ from src.registry import ACTIVATION_BY_TYPE
 from src.trace import TraceWriter
 
 
+def _grads(weights: list[Tensor]) -> list[Tensor]:
+    """Each weight's gradient; zeros for a weight the loss did not reach this step."""
+    return [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
+
+
 def layer_key(stat: str, layer: int) -> str:
     """The stable metric name of one statistic of one layer, e.g. grad_norm/layer_03."""
     return f"{stat}/layer_{layer:02d}"
@@ -125,7 +130,7 @@ class GradientStatsCallback(L.Callback):
         if not self._armed:
             return
         weights = [lin.weight for lin in self.linears]
-        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
+        grads = _grads(weights)
         bp = self._bp_sq.sqrt()
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # tensor hooks saw the loss-scaled signal; weight grads are unscaled here
@@ -158,7 +163,7 @@ class GradientStatsCallback(L.Callback):
         values = torch.cat([head, stats.weight_stats(self._before, after)], dim=1).cpu().numpy()  # one sync
         col = stats.LAYER_STATS.index("grad_norm")
         if not np.isfinite(values[:, col]).all():  # rare: pay for counting the NaN/Inf entries
-            grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in after]
+            grads = _grads(after)
             values[:, stats.LAYER_STATS.index("grad_nonfinite")] = stats.nonfinite_counts(grads).cpu().numpy()
         if self.trace is not None:
             self.trace.append(step, values)

@@ -2,10 +2,10 @@
 
 Each function takes one tensor per layer and returns a float tensor [n_layers, n_stats] on their
 device, so a caller syncs with the host once for all layers. They run under no_grad: nothing is recorded
-for autograd and no input needs detaching. They are written for cost: every
-statistic comes from the cheapest single-pass reductions PyTorch has (a fused `_foreach_norm` over all
-layers, `sum`, `aminmax`, `count_nonzero`; std derived from the norm and the sum in float64 rather than
-the slow Welford `std_mean`), and small tensors of equal shape are stacked so one op covers every layer.
+for autograd and no input needs detaching. They are written for cost: small layers are zero-padded into
+one matrix so each statistic is one op for all of them, large ones get the cheapest whole-tensor
+reductions (`_foreach_norm`, `sum`, `aminmax`, `count_nonzero`), and std is derived from the norm and the
+sum rather than the slow Welford `std_mean`. Activations of one kind and size are stacked likewise.
 tests/reference_stats.py holds the plain per-tensor formulas these must agree with.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ PAD_TOTAL_NUMEL = 1 << 18
 
 
 def _reduce(tensors: Sequence[Tensor], extremes: bool) -> Tensor:
-    """[L, 5] float64 per tensor: numel, sum, L2 norm, then (with `extremes`, else NaN) max |x| and the
+    """[L, 3] float64 per tensor: numel, sum, L2 norm; with `extremes`, [L, 5]: also max |x| and the
     number of exact zeros."""
     tensors = [t.reshape(-1) for t in tensors]
     numel = [t.numel() for t in tensors]
@@ -47,8 +47,6 @@ def _reduce(tensors: Sequence[Tensor], extremes: bool) -> Tensor:
         if extremes:
             lo, hi = (torch.stack(v) for v in zip(*(torch.aminmax(t) for t in tensors)))
             cols += [torch.maximum(hi, -lo), n - torch.stack([torch.count_nonzero(t) for t in tensors])]
-    if not extremes:
-        cols += [torch.full_like(cols[0], float("nan"))] * 2
     return torch.stack([n, *(c.double() for c in cols)], dim=1)
 
 

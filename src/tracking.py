@@ -38,13 +38,17 @@ def resolve_uri(uri: str | None = None) -> str:
     return chosen or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def client(uri: str) -> MlflowClient:
     """An MlflowClient; for a SQLite store, created under a file lock beside the database. Creating the
     client creates or migrates the schema, and processes that do that at once on a new file all fail and
     leave it half-migrated (seen with 4 parallel runs). Later clients find the schema in place."""
-    if not uri.startswith("sqlite:///"):
+    db = _sqlite_path(uri)
+    if db is None:
         return MlflowClient(uri)
-    db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock", timeout=300):
         return MlflowClient(uri)
@@ -59,9 +63,9 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # keep artifacts beside the database file, not in the cwd
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    db, location = _sqlite_path(uri), None
+    if db is not None:  # keep artifacts beside the database file, not in the cwd
+        location = (db.parent / "mlartifacts").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # another process created it first
