@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 PARENT_RUN_ENV = "GRADFLOW_PARENT_RUN_ID"
+RUN_ID_ENV = "GRADFLOW_RUN_ID"  # set by the sweep worker: the run it created for this trial, to adopt
 SWEEP_KEYS_ENV = "GRADFLOW_SWEEP_KEYS"
 # The MLflow UI opens experiments of this kind on the runs table, not on the GenAI traces overview.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -239,8 +240,12 @@ class TrackedRun:
         parent = os.environ.get(PARENT_RUN_ENV)
         if parent:
             self.tags["mlflow.parentRunId"] = parent
-        self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
+        self.run_id = os.environ.get(RUN_ID_ENV)  # a sweep trial: the worker created the run, so it can
+        if self.run_id is None:                    # close it if this process dies
+            self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
         self.writer = AsyncRunWriter(self.client, self.run_id, spool_dir=self.spool_dir)
+        if os.environ.get(RUN_ID_ENV):
+            self.writer.set_tags(self.tags)
         self.writer.log_params(self.params)
         return self
 
@@ -277,6 +282,9 @@ class MultirunParentRun(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if "gradflow_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
+            return  # the sweep engine keeps one parent run per study, shared by its workers
 
         overrides = list(config.hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(overrides)

@@ -17,6 +17,8 @@ from src.data import ArrayDataModule, DataFilesMissing
 from src.model import Classifier, build_mlp
 from src.trace import read_trace
 
+TRIAL_ENV = "GRADFLOW_TRIAL"
+
 GROUPS = ("data", "model", "activation", "init", "optimizer", "trainer", "stats", "tracking")
 
 
@@ -49,6 +51,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trace_path=out_dir / "trace.parquet", trace_chunk_steps=cfg.stats.trace_chunk_steps,
             )
             callbacks.append(stats_cb)
+        if os.environ.get(TRIAL_ENV):  # a trial of a sweep: report to the study, stop if pruned
+            from src.sweeper import trial_callbacks
+            callbacks += trial_callbacks()
         trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
                             default_root_dir=str(out_dir))
         try:
@@ -138,6 +143,9 @@ def main(cfg: DictConfig) -> float | None:
         print("interrupted: the MLflow run is marked KILLED, with what was recorded", file=sys.stderr)
         sys.exit(130)
     objective = cfg.get("optimized_metric")
+    if objective and objective not in metrics:
+        print(f"optimized_metric={objective} is not among this run's metrics: {', '.join(sorted(metrics))}",
+              file=sys.stderr)
     return metrics.get(objective) if objective else None
 
 

@@ -1,0 +1,344 @@
+"""The Hydra side of a sweep: `python -m src.train -m hparams_search=grid` makes this process a worker.
+
+A worker validates every point, joins the study (creating it, its MLflow parent run and its grid queue
+once), starts `hydra.sweeper.n_jobs - 1` sibling workers, then claims and runs trials until none are left.
+Each trial runs in a forked child (the worker never touches CUDA, so a child's CUDA state dies with it; the
+fork reuses the imports, so a trial costs no interpreter start-up) through Hydra's launcher, as its own job
+with its own output directory and a nested MLflow run created here so that a dead child's run can be closed.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import open_dict
+from optuna.trial import TrialState
+
+from src import report, sweep, tracking, validate
+
+GRID_SAMPLER = "optuna.samplers.GridSampler"
+TRIAL_ENV = "GRADFLOW_TRIAL"  # set in a trial's process (= src.train.TRIAL_ENV): train() adds trial_callbacks()
+_ACTIVE: dict[str, Any] = {}  # the running trial, in the forked child only
+
+
+def run(sw, arguments: list[str]) -> None:
+    """Body of GradflowSweeper.sweep(): sw carries the sweeper's settings, Hydra's launcher and config."""
+    cfg = sw.config
+    metric = cfg.get("optimized_metric")
+    if not metric:
+        _die("optimized_metric is not set: name the metric the sweep optimises, e.g. optimized_metric=val/acc")
+    is_grid = (sw.sampler or {}).get("_target_") == GRID_SAMPLER
+    try:
+        space, fixed = sweep.parse_space(sw.params, [a for a in arguments if not a.startswith("hydra.")])
+        points = sweep.grid_points(space) if is_grid else []
+        _validate(sw, fixed, points or [{}])
+        policy = sweep.Policy(sw.max_retries, sw.heartbeat_interval, sw.grace_period)
+        storage = sweep.open_storage(sw.storage)
+        sampler = None if is_grid else _instantiate(sw.sampler)
+        study = sweep.load_or_create(storage, sw.study_name, sw.direction, sampler, _instantiate(sw.pruner))
+    except (sweep.SweepConfigError, validate.ConfigError) as e:
+        _die(str(e))
+    where = sweep.describe_storage(sw.storage)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    mlflow = tracking.client(uri)
+    parent_id = _parent_run(study, mlflow, cfg, uri, where)
+    if is_grid:
+        added = sweep.enqueue_grid(study, points)
+        sweep.log(f"study {sw.study_name!r} in {where}: grid of {len(points)} points "
+                  f"({added} newly queued) over {', '.join(space)}; MLflow parent run {parent_id}")
+    else:
+        sweep.log(f"study {sw.study_name!r} in {where}: {type(sampler).__name__}, {sw.n_trials} trials over "
+                  f"{', '.join(space)}; MLflow parent run {parent_id}")
+    siblings = _start_siblings(sw)
+    ctx = {"sw": sw, "study": study, "space": space, "fixed": fixed, "policy": policy, "mlflow": mlflow,
+           "parent_id": parent_id, "metric": metric, "grid": is_grid, "points": points, "started": time.time(),
+           "durations": []}
+    try:
+        _work(ctx)
+    finally:
+        for p in siblings:
+            if p.poll() is None:
+                try:
+                    p.wait()
+                except KeyboardInterrupt:
+                    p.terminate()
+    _finish_study(ctx)
+
+
+def _work(ctx: dict) -> None:
+    def close_dead(t):
+        _close_mlflow_run(ctx["mlflow"], t.user_attrs.get("mlflow_run_id"), "KILLED")
+
+    def done(number, params, state, outcome, seconds):
+        ctx["durations"].append(seconds)
+        _progress(ctx, number, params, state, outcome, seconds)
+
+    sweep.work(ctx["study"], ctx["space"], ctx["policy"], ctx["grid"], lambda t, p: _run_trial(ctx, t, p),
+               n_trials=ctx["sw"].n_trials, on_stale=close_dead, on_done=done)
+
+
+def _run_trial(ctx: dict, trial: optuna.Trial, params: dict) -> sweep.Outcome:
+    sw, study = ctx["sw"], ctx["study"]
+    name = ",".join(sweep.as_overrides(params))
+    exp_id = tracking.ensure_experiment(ctx["mlflow"], sw.config.tracking.experiment,
+                                        tracking.resolve_uri(sw.config.tracking.uri))
+    run_id = ctx["mlflow"].create_run(exp_id, run_name=name[:250], tags={
+        "mlflow.parentRunId": ctx["parent_id"], "study_name": study.study_name,
+        "trial_number": str(trial.number), **_retry_tag(trial)}).info.run_id
+    trial.set_user_attr("mlflow_run_id", run_id)
+    overrides = ctx["fixed"] + sweep.as_overrides(params)
+    fork = mp.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    child = fork.Process(target=_child, args=(send, sw, overrides, trial.number, run_id, ctx["parent_id"],
+                                              list(params), study.study_name, trial._trial_id, ctx["metric"]))
+    child.start()
+    send.close()
+    lost = False
+    while child.is_alive():
+        if not sweep.beat(study, trial._trial_id):
+            lost = True  # presumed dead by another worker, and re-queued: this result must not count
+            child.terminate()
+        child.join(ctx["policy"].heartbeat_interval)
+    msg = receive.recv() if receive.poll() else {"error": f"trial process died (exit code {child.exitcode})"}
+    if lost:
+        msg = {"error": "lease lost to another worker while running; result dropped"}
+    _close_mlflow_run(ctx["mlflow"], run_id, "FAILED")  # only if the child could not close it itself
+    if msg.get("pruned"):
+        ctx["mlflow"].set_tag(run_id, "optuna.pruned", "true")
+    _copy_run_summary(ctx["mlflow"], run_id, trial)
+    return sweep.Outcome(value=msg.get("value"), error=msg.get("error"), pruned=bool(msg.get("pruned")),
+                         retry=msg.get("retry", True))
+
+
+def _child(conn, sw, overrides, number, run_id, parent_id, keys, study_name, trial_id, metric) -> None:
+    """Runs in the forked trial process: one Hydra job, result sent back through the pipe."""
+    _die_with_parent()
+    _dispose_inherited_connections()
+    os.environ.update({tracking.RUN_ID_ENV: run_id, tracking.PARENT_RUN_ENV: parent_id,
+                       tracking.SWEEP_KEYS_ENV: ",".join(keys), TRIAL_ENV: str(number)})
+    _ACTIVE.update(sw=sw, study_name=study_name, trial_id=trial_id, metric=metric, pruned=False)
+    if sw.torch_threads:
+        import torch
+        torch.set_num_threads(int(sw.torch_threads))
+    msg: dict[str, Any]
+    try:
+        from hydra.core.utils import JobStatus
+
+        ret = sw.launcher.launch([overrides], initial_job_idx=number)[0]
+        if ret.status == JobStatus.COMPLETED:
+            value = ret.return_value
+            msg = {"value": None if value is None else float(value), "pruned": _ACTIVE["pruned"]}
+            if value is None and not _ACTIVE["pruned"]:
+                msg.update(error=f"optimized_metric={metric} is not among the run's metrics", retry=False)
+        else:
+            e = ret._return_value  # JobReturn.return_value re-raises; the exception itself is what we report
+            msg = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()}
+    except SystemExit as e:  # main() exits 2 on a config error, 130 on Ctrl-C
+        msg = {"error": f"the run exited with code {e.code}", "retry": e.code not in (2, 130)}
+    except BaseException as e:  # noqa: BLE001 - whatever happened must reach the worker
+        msg = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()}
+    conn.send(msg)
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip the worker's atexit handlers, which belong to the worker
+
+
+def trial_callbacks() -> list:
+    """Lightning callbacks for the trial running in this process: report the objective each validation and
+    stop early when the study's pruner says so. Empty outside a sweep."""
+    if not _ACTIVE or _ACTIVE["sw"].pruner is None:
+        return []
+    import lightning as L
+
+    sw = _ACTIVE["sw"]
+    study = optuna.load_study(study_name=_ACTIVE["study_name"], storage=sweep.open_storage(sw.storage),
+                              pruner=_instantiate(sw.pruner))
+    trial, metric = optuna.Trial(study, _ACTIVE["trial_id"]), _ACTIVE["metric"]
+
+    class Prune(L.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            value = trainer.callback_metrics.get(metric)
+            if trainer.sanity_checking or value is None:
+                return
+            trial.report(float(value), step=trainer.current_epoch)
+            if trial.should_prune():
+                _ACTIVE["pruned"] = True
+                trainer.should_stop = True  # a clean stop: the MLflow run ends FINISHED; the worker tags it
+
+    return [Prune()]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _validate(sw, fixed: list[str], points: list[dict]) -> None:
+    """Compose and validate every grid point (or the fixed part of a sampled space) before any trial or
+    MLflow run exists: a typo fails the sweep in seconds, not at trial 37."""
+    problems = []
+    for p in points:
+        overrides = fixed + sweep.as_overrides(p)
+        try:
+            cfg = sw.hydra_context.config_loader.load_sweep_config(sw.config, overrides)
+        except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad key and the choices
+            problems.append(f"{' '.join(overrides)}: {e}".strip())
+            continue
+        with open_dict(cfg):
+            del cfg["hydra"]  # Hydra's own node needs a job to resolve; the task config is what we check
+        problems += [f"{' '.join(sweep.as_overrides(p))}: {m}" if p else m for m in validate.problems(cfg)]
+    if problems:
+        raise validate.ConfigError("\n".join(dict.fromkeys(problems)))
+
+
+def _parent_run(study: optuna.Study, mlflow, cfg, uri: str, where: str) -> str:
+    """One MLflow parent run per study, created by the first worker; later workers and resumes reuse it."""
+    key = "mlflow_parent_run_id"
+    if sweep.elect(study, "mlflow-parent"):
+        exp_id = tracking.ensure_experiment(mlflow, cfg.tracking.experiment, uri)
+        run_id = mlflow.create_run(exp_id, run_name=f"study {study.study_name}", tags={
+            "study_name": study.study_name, "gradflow.sweep": "true", "optuna.storage": where}).info.run_id
+        study.set_user_attr(key, run_id)
+        return run_id
+    deadline = time.monotonic() + 60
+    while (run_id := study.user_attrs.get(key)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"study {study.study_name!r}: no MLflow parent run was recorded")
+        time.sleep(0.2)
+    mlflow.update_run(run_id, status="RUNNING")  # a resumed study is running again
+    return run_id
+
+
+def _start_siblings(sw) -> list[subprocess.Popen]:
+    """n_jobs > 1: the same command, n_jobs - 1 more times, each a worker of the same study."""
+    n = int(sw.n_jobs or 1)
+    if n <= 1:
+        return []
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    entry = ["-m", spec.name] if spec else [sys.argv[0]]
+    logs = Path(str(sw.config.hydra.sweep.dir)) / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    gpus = [str(g) for g in (sw.gpus or [])]
+    procs = []
+    for i in range(1, n):
+        env = dict(os.environ, GRADFLOW_WORKER_INDEX=str(i))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        out = open(logs / f"worker-{i}.log", "ab")
+        procs.append(subprocess.Popen([sys.executable, *entry, *sys.argv[1:], "hydra.sweeper.n_jobs=1"],
+                                      env=env, stdout=out, stderr=subprocess.STDOUT))
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
+    sweep.log(f"started {n - 1} more worker(s); their output: {logs}/worker-*.log")
+    return procs
+
+
+def _progress(ctx, number, params, state, outcome, seconds) -> None:
+    study = ctx["study"]
+    c = sweep.counts(study)
+    if ctx["grid"]:
+        g = sweep.grid_status(study, ctx["points"])
+        done, total, left = g["complete"] + g["failed"], g["points"], g["pending"] + g["missing"]
+    else:
+        total = ctx["sw"].n_trials or 0
+        done = c["COMPLETE"] + c["PRUNED"] + c["FAIL"] - c["WAITING"]
+        left = max(0, total - done)
+    workers = max(1, len({t.system_attrs.get(sweep.WORKER) for t in
+                          study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}))
+    mean = sum(ctx["durations"]) / len(ctx["durations"])
+    value = f"{ctx['metric']}={outcome.value:.4g}" if outcome.value is not None else (outcome.error or "")
+    sweep.log(f"trial {number} {state.name} in {seconds:.1f}s ({','.join(sweep.as_overrides(params))}: "
+              f"{value[:120]}) | {done}/{total or '?'} done, {c['RUNNING']} running, {c['FAIL']} failed"
+              f" | ETA {_eta(left * mean / workers)}")
+
+
+def _eta(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _finish_study(ctx: dict) -> None:
+    study = ctx["study"]
+    c = sweep.counts(study)
+    if c["RUNNING"] or c["WAITING"]:
+        return  # other workers are still at it; the last one reports
+    if ctx["grid"] and sweep.grid_status(study, ctx["points"])["missing"]:
+        return
+    try:
+        paths, text = report.write(study, Path(str(ctx["sw"].config.hydra.sweep.dir)) / "report",
+                                   ctx["metric"])
+        for p in paths:
+            ctx["mlflow"].log_artifact(ctx["parent_id"], str(p), "report")
+        print(text)
+    except Exception as e:  # noqa: BLE001 - the trials are safe in the storage; the report can be redone
+        sweep.log(f"could not write the report ({e}); `make sweep-report` retries it")
+    status = "FINISHED" if c["COMPLETE"] else "FAILED"
+    ctx["mlflow"].set_terminated(ctx["parent_id"], status)
+    sweep.log(f"study {study.study_name!r} done: {c['COMPLETE']} complete, {c['FAIL']} failed, "
+              f"{c['PRUNED']} pruned; parent run {status}")
+
+
+def _close_mlflow_run(mlflow, run_id: str | None, status: str) -> None:
+    if not run_id:
+        return
+    try:
+        if mlflow.get_run(run_id).info.status == "RUNNING":
+            mlflow.set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001 - the tracking server may be down; the trial's state is what counts
+        sweep.log(f"could not close MLflow run {run_id}: {e}")
+
+
+def _copy_run_summary(mlflow, run_id: str, trial: optuna.Trial) -> None:
+    """The run's verdict and initial backprop_ratio, kept with the trial for the report."""
+    try:
+        run = mlflow.get_run(run_id)
+        if "verdict" in run.data.tags:
+            trial.set_user_attr("verdict", run.data.tags["verdict"])
+        history = mlflow.get_metric_history(run_id, "backprop_ratio")
+        if history:
+            trial.set_user_attr("backprop_ratio_init", min(history, key=lambda m: m.step).value)
+    except Exception as e:  # noqa: BLE001
+        sweep.log(f"trial {trial.number}: could not read MLflow run {run_id}: {e}")
+
+
+def _retry_tag(trial: optuna.Trial) -> dict:
+    first = sweep._storage(trial.study).get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    return {"retry_of_trial": str(first)} if first is not None else {}
+
+
+def _instantiate(node):
+    if not node:
+        return None
+    from hydra.utils import instantiate
+
+    return instantiate(node)
+
+
+def _die_with_parent() -> None:
+    """Linux: the trial process gets SIGTERM if its worker dies (kill -9, node loss), so it stops training
+    and marks its MLflow run, instead of running on as an orphan whose point is being retried elsewhere."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _dispose_inherited_connections() -> None:
+    """A forked child must not use the parent's pooled database connections (SQLAlchemy's rule for fork)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        for engine in SqlAlchemyStore._engine_map.values():
+            engine.dispose(close=False)
+    except ImportError:
+        pass
+
+
+def _die(msg: str) -> None:
+    print("sweep config error:\n  " + msg.replace("\n", "\n  "), file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,24 @@
+"""A sweep worker with a cheap objective, in its own light module so that spawned test processes import only
+the engine (and not the test module's heavier imports)."""
+from __future__ import annotations
+
+import time
+
+from src import sweep
+
+FAST = sweep.Policy(max_retries=2, heartbeat_interval=0.1, grace_period=2.0, poll_interval=0.05)
+
+
+def grid_worker(url: str, name: str, space_cfg: dict, out, start, delay: float) -> None:
+    """Join the study, wait until every worker is ready (so the election and the claims really race),
+    enqueue the grid, run trials; report how many this worker ran."""
+    space, _ = sweep.parse_space(space_cfg, [])
+    study = sweep.load_or_create(sweep.open_storage(url), name, "maximize")
+    start.wait(timeout=300)
+    sweep.enqueue_grid(study, sweep.grid_points(space))
+
+    def run(trial, params):
+        time.sleep(delay)
+        return sweep.Outcome(value=float(params["a"] * 10 + params["b"]))
+
+    out.put(sweep.work(study, space, FAST, grid=True, run=run))

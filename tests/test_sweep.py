@@ -1,0 +1,224 @@
+"""The sweep engine on real Optuna storages (journal file, SQLite, PostgreSQL), with a cheap objective:
+override parsing, exactly-once claims under concurrency, leases, retries, resume and the report."""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import time
+import uuid
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from src import report, sweep
+from tests import sweep_worker
+from tests.pg import fresh_database
+
+FAST = sweep.Policy(max_retries=2, heartbeat_interval=0.1, grace_period=0.5, poll_interval=0.05)
+
+
+# ------------------------------------------------------------------------------------------- overrides
+def test_command_line_sweeps_replace_the_configs_space_and_plain_values_fix_a_key():
+    config = {"activation": "choice(sigmoid, tanh, relu)", "init": "choice(xavier, he)",
+              "model.depth": "choice(2, 5, 10)", "optimizer.lr": "tag(log, interval(0.001, 1.0))"}
+    space, fixed = sweep.parse_space(config, ["hparams_search=grid", "activation=sigmoid,relu",
+                                              "model.depth=choice(2,4)", "optimizer.lr=0.1",
+                                              "trainer.max_steps=50"])
+    assert space["activation"] == CategoricalDistribution(["sigmoid", "relu"])
+    assert space["init"] == CategoricalDistribution(["xavier", "he"])
+    assert space["model.depth"] == CategoricalDistribution([2, 4])
+    assert "optimizer.lr" not in space
+    assert fixed == ["hparams_search=grid", "optimizer.lr=0.1", "trainer.max_steps=50"]
+    assert len(sweep.grid_points(space)) == 8
+
+
+def test_range_excludes_its_end_like_hydra_and_intervals_become_continuous():
+    space, _ = sweep.parse_space({"d": "range(2, 12)", "w": "range(16, 65, 16)", "lr": "tag(log, interval(1e-3, 1))",
+                                  "m": "interval(0.0, 0.9)", "k": "tag(int, interval(1, 4))"}, [])
+    assert space["d"] == IntDistribution(2, 11)
+    assert sweep.grid_points({"w": space["w"]}) == [{"w": 16}, {"w": 32}, {"w": 48}, {"w": 64}]
+    assert space["lr"] == FloatDistribution(1e-3, 1.0, log=True)
+    assert space["m"] == FloatDistribution(0.0, 0.9)
+    assert space["k"] == IntDistribution(1, 4)
+    with pytest.raises(sweep.SweepConfigError, match="lr: a grid needs a finite list"):
+        sweep.grid_points(space)
+
+
+def test_bad_storage_urls_fail_with_the_key_and_no_password(tmp_path):
+    with pytest.raises(sweep.SweepConfigError, match="hydra.sweeper.storage=ftp://u:\\*\\*\\*@h/x: expected"):
+        sweep.open_storage("ftp://u:secret@h/x")
+    with pytest.raises(sweep.SweepConfigError) as e:
+        sweep.open_storage("postgresql://u:secret@127.0.0.1:1/nope")
+    assert "secret" not in str(e.value) and "cannot open the storage" in str(e.value)
+    assert isinstance(sweep.open_storage(f"journal:{tmp_path}/s/j.log"), optuna.storages.JournalStorage)
+
+
+# ------------------------------------------------------------------------------- claims and workers
+GRID = {"a": "range(0, 4)", "b": "choice(0, 1, 2)"}  # 12 points
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["journal", "sqlite", "postgresql"])
+def test_concurrent_workers_complete_every_grid_point_exactly_once(tmp_path, kind):
+    """4 workers start at once on a new storage: they race to create the schema, to enqueue the grid and
+    to claim each point."""
+    if kind == "postgresql":
+        with fresh_database() as url:
+            _claims_race(url)
+    else:
+        _claims_race(f"journal:{tmp_path}/journal.log" if kind == "journal" else f"sqlite:///{tmp_path}/o.db")
+
+
+def _claims_race(url: str) -> None:
+    name = f"claims-{uuid.uuid4().hex[:8]}"
+    ctx = mp.get_context("spawn")
+    out, start = ctx.Queue(), ctx.Barrier(4)
+    procs = [ctx.Process(target=sweep_worker.grid_worker, args=(url, name, GRID, out, start, 0.2))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    ran = [out.get(timeout=5) for _ in procs]
+    study = optuna.load_study(study_name=name, storage=sweep.open_storage(url))
+    trials = study.get_trials()
+    assert sum(ran) == len(trials) == 12, (ran, [t.params for t in trials])
+    assert sorted((t.params["a"], t.params["b"]) for t in trials) == [(a, b) for a in range(4) for b in range(3)]
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert sum(r > 0 for r in ran) >= 2  # the work was shared, not done by whoever enqueued
+
+
+def test_a_dead_workers_trial_is_failed_requeued_and_completed_by_another(tmp_path):
+    space, _ = sweep.parse_space({"a": "choice(1, 2)"}, [])
+    study = sweep.load_or_create(sweep.open_storage(f"journal:{tmp_path}/j.log"), "lease", "maximize")
+    sweep.enqueue_grid(study, sweep.grid_points(space))
+    dead = sweep.claim(study, grid=True)  # claimed, then its worker "dies": no more heartbeats
+    sweep.suggest(dead, space)
+    time.sleep(FAST.grace_period + 0.2)
+    closed = []
+    sweep.work(study, space, FAST, grid=True, run=lambda t, p: sweep.Outcome(value=1.0),
+               on_stale=lambda t: closed.append(t.number))
+    trials = study.get_trials()
+    assert closed == [dead.number]
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    assert trials[dead.number].state == TrialState.FAIL
+    assert "lease expired" in trials[dead.number].user_attrs["error"]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == trials[dead.number].params
+
+
+def test_a_worker_alive_but_silent_loses_its_lease_and_its_result_is_not_counted(tmp_path):
+    space, _ = sweep.parse_space({"a": "choice(1)"}, [])
+    study = sweep.load_or_create(sweep.open_storage(f"journal:{tmp_path}/j.log"), "lost", "maximize")
+    sweep.enqueue_grid(study, sweep.grid_points(space))
+    slow = sweep.claim(study, grid=True)
+    time.sleep(FAST.grace_period + 0.2)
+    assert sweep.fail_stale(study, FAST) == [slow.number]
+    assert not sweep.beat(study, slow._trial_id)  # the slow worker learns it lost the trial
+
+
+@pytest.mark.parametrize("retries,expected", [(2, [TrialState.FAIL, TrialState.COMPLETE]), (0, [TrialState.FAIL])])
+def test_a_trial_that_raised_is_recorded_failed_with_its_error_and_retried_per_policy(tmp_path, retries, expected):
+    space, _ = sweep.parse_space({"a": "choice(1)"}, [])
+    study = sweep.load_or_create(sweep.open_storage(f"journal:{tmp_path}/j.log"), "retry", "maximize")
+    sweep.enqueue_grid(study, sweep.grid_points(space))
+    calls = []
+
+    def run(trial, params):
+        calls.append(trial.number)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return sweep.Outcome(value=0.5)
+
+    policy = sweep.Policy(max_retries=retries, heartbeat_interval=0.1, grace_period=0.5, poll_interval=0.05)
+    sweep.work(study, space, policy, grid=True, run=run)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == expected
+    assert trials[0].user_attrs["error"] == "RuntimeError: CUDA out of memory (simulated)"
+
+
+def test_nan_objectives_are_recorded_not_retried_and_do_not_stop_the_sweep(tmp_path):
+    space, _ = sweep.parse_space({"a": "choice(1, 2)"}, [])
+    study = sweep.load_or_create(sweep.open_storage(f"journal:{tmp_path}/j.log"), "nan", "maximize")
+    sweep.enqueue_grid(study, sweep.grid_points(space))
+    sweep.work(study, space, FAST, grid=True,
+               run=lambda t, p: sweep.Outcome(value=math.nan if p["a"] == 1 else 0.9))
+    by_a = {t.params["a"]: t for t in study.get_trials()}
+    assert len(by_a) == 2 and len(study.get_trials()) == 2
+    assert by_a[1].state == TrialState.FAIL and by_a[1].user_attrs["objective"] == "nan"
+    assert by_a[2].state == TrialState.COMPLETE and by_a[2].value == 0.9
+
+
+def test_resume_runs_only_what_is_left_and_requeues_an_interrupted_point(tmp_path):
+    url, space_cfg = f"journal:{tmp_path}/j.log", {"a": "range(0, 5)"}
+    space, _ = sweep.parse_space(space_cfg, [])
+    points = sweep.grid_points(space)
+    first = []
+
+    def interrupted(trial, params):
+        if len(first) == 2:
+            raise KeyboardInterrupt
+        first.append(params["a"])
+        return sweep.Outcome(value=1.0)
+
+    study = sweep.load_or_create(sweep.open_storage(url), "resume", "maximize")
+    assert sweep.enqueue_grid(study, points) == 5
+    with pytest.raises(KeyboardInterrupt):
+        sweep.work(study, space, FAST, grid=True, run=interrupted)
+    assert sweep.grid_status(study, points) == {"points": 5, "complete": 2, "pending": 3, "failed": 0,
+                                                "missing": 0}
+
+    again = sweep.load_or_create(sweep.open_storage(url), "resume", "maximize")  # the same command, rerun
+    assert sweep.enqueue_grid(again, points) == 0
+    second = []
+    sweep.work(again, space, FAST, grid=True, run=lambda t, p: second.append(p["a"]) or sweep.Outcome(value=2.0))
+    assert sorted(first + second) == [0, 1, 2, 3, 4]
+    assert sweep.grid_status(again, points)["complete"] == 5
+
+    bigger, _ = sweep.parse_space({"a": "range(0, 7)"}, [])  # a wider grid adds only the new points
+    assert sweep.enqueue_grid(again, sweep.grid_points(bigger)) == 2
+
+
+def test_sampler_studies_stop_at_the_trial_budget_across_workers(tmp_path):
+    space, _ = sweep.parse_space({"x": "interval(-1.0, 1.0)"}, [])
+    url = f"journal:{tmp_path}/j.log"
+    for _ in range(2):  # two workers in turn; the second finds the budget spent
+        study = sweep.load_or_create(sweep.open_storage(url), "tpe", "minimize",
+                                     sampler=optuna.samplers.TPESampler(seed=0))
+        sweep.work(study, space, FAST, grid=False, n_trials=6, run=lambda t, p: sweep.Outcome(value=p["x"] ** 2))
+    assert len(study.get_trials()) == 6
+
+
+# ------------------------------------------------------------------------------------------- report
+def test_report_has_one_row_per_point_heatmaps_and_the_failed_attempts(tmp_path):
+    study = optuna.create_study(direction="maximize", study_name="rep")
+    dist = {"activation": CategoricalDistribution(["sigmoid", "relu"]), "init": CategoricalDistribution(["xavier", "he"]),
+            "model.depth": CategoricalDistribution([2, 4])}
+    values = {}
+    for act in ("sigmoid", "relu"):
+        for init in ("xavier", "he"):
+            for depth in (2, 4):
+                p = {"activation": act, "init": init, "model.depth": depth}
+                values[(act, init, depth)] = v = (0.9 if act == "relu" else 0.5 / depth)
+                if (act, init, depth) == ("relu", "he", 4):  # one point needed a retry
+                    study.add_trial(optuna.create_trial(state=TrialState.FAIL, params=p, distributions=dist,
+                                                        user_attrs={"error": "worker died"}))
+                study.add_trial(optuna.create_trial(value=v, params=p, distributions=dist, user_attrs={
+                    "verdict": "vanishing" if act == "sigmoid" else "healthy",
+                    "backprop_ratio_init": 1e-6 if act == "sigmoid" else 0.8}))
+    paths, text = report.write(study, tmp_path, "val/acc")
+    names = {p.name for p in paths}
+    assert {"report.csv", "report.html", "objective.png", "backprop_ratio.png"} <= names
+    csv = pd.read_csv(tmp_path / "report.csv")
+    assert len(csv) == 8 and set(csv["state"]) == {"COMPLETE"}
+    row = csv[(csv.activation == "relu") & (csv.init == "he") & (csv["model.depth"] == 4)].iloc[0]
+    assert row["attempts"] == 2 and row["verdict"] == "healthy"
+    got = {(r.activation, r.init, r["model.depth"]): r["val/acc"] for _, r in csv.iterrows()}
+    assert got == pytest.approx(values)
+    assert "vanishing" in text and "sigmoid" in text
+    assert "<img src=\"objective.png\"" in (tmp_path / "report.html").read_text()
