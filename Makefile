@@ -11,7 +11,10 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast ui bench clean
+.PHONY: help install train test test-fast ui bench clean sweep sweep-status sweep-report dashboard
+SWEEP_WORKERS ?= 2
+SWEEP_STORAGE ?=
+SWEEP_ARGS = hparams_search=grid $(if $(SWEEP_STORAGE),hydra.sweeper.storage=$(SWEEP_STORAGE)) $(ARGS)
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +42,19 @@ ui: install ## the MLflow UI on mlflow.db (or $MLFLOW_TRACKING_URI), opened on t
 
 bench: install ## per-step overhead of the statistics vs stats=off and vs Lightning's own logging (~6 min)
 	$(PY) benchmarks/overhead.py $(ARGS)
+
+sweep: install ## the activation x init x depth grid with SWEEP_WORKERS local workers (SWEEP_STORAGE=postgresql://...)
+	$(PY) -m src.train -m $(SWEEP_ARGS) hydra.sweeper.n_jobs=$(SWEEP_WORKERS) \
+		hydra.sweeper.torch_threads=$$(( ($$(nproc) + $(SWEEP_WORKERS) - 1) / $(SWEEP_WORKERS) ))
+
+sweep-status: install ## progress of the sweep's study (same SWEEP_STORAGE / ARGS as make sweep)
+	$(PY) -m src.sweeper status $(SWEEP_ARGS)
+
+sweep-report: install ## (re)write the sweep report and attach it to the study's MLflow parent run
+	$(PY) -m src.sweeper report $(SWEEP_ARGS)
+
+dashboard: install ## optuna-dashboard on the sweep's storage (DASHBOARD_PORT, default 8080)
+	$(PY) -m src.sweeper dashboard $(SWEEP_ARGS)
 
 clean: ## remove outputs of runs (keeps mlflow.db and .venv)
 	rm -rf outputs multirun

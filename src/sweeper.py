@@ -49,6 +49,9 @@ def run(sw, arguments: list[str]) -> None:
         _die(str(e))
     where = sweep.describe_storage(sw.storage)
     uri = tracking.resolve_uri(cfg.tracking.uri)
+    if sw.storage and "://" in sw.storage and sw.storage.split("://")[1] == uri.split("://")[-1]:
+        _die(f"hydra.sweeper.storage and the MLflow tracking URI are the same database ({where}); give each "
+             "its own (both keep their schema version in a table named alembic_version)")
     mlflow = tracking.client(uri)
     parent_id = _parent_run(study, mlflow, cfg, uri, where)
     if is_grid:
@@ -181,18 +184,18 @@ def trial_callbacks() -> list:
 # ------------------------------------------------------------------------------------------------- helpers
 def _validate(sw, fixed: list[str], points: list[dict]) -> None:
     """Compose and validate every grid point (or the fixed part of a sampled space) before any trial or
-    MLflow run exists: a typo fails the sweep in seconds, not at trial 37."""
+    MLflow run exists: a typo fails the sweep in seconds, not at trial 37. Each problem is said once."""
     problems = []
     for p in points:
         overrides = fixed + sweep.as_overrides(p)
         try:
             cfg = sw.hydra_context.config_loader.load_sweep_config(sw.config, overrides)
-        except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad key and the choices
-            problems.append(f"{' '.join(overrides)}: {e}".strip())
+        except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad option and lists the others
+            problems.append(str(e).split("\nConfig search path")[0].strip())
             continue
         with open_dict(cfg):
             del cfg["hydra"]  # Hydra's own node needs a job to resolve; the task config is what we check
-        problems += [f"{' '.join(sweep.as_overrides(p))}: {m}" if p else m for m in validate.problems(cfg)]
+        problems += validate.problems(cfg)
     if problems:
         raise validate.ConfigError("\n".join(dict.fromkeys(problems)))
 
@@ -342,3 +345,102 @@ def _dispose_inherited_connections() -> None:
 def _die(msg: str) -> None:
     print("sweep config error:\n  " + msg.replace("\n", "\n  "), file=sys.stderr)
     sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+USAGE = """usage: python -m src.sweeper COMMAND [hydra overrides]
+  status     the study's progress: counts per state and every trial
+  report     write the sweep report (CSV, HTML, heatmaps), print it, attach it to the study's MLflow run
+  dashboard  start optuna-dashboard on the study's storage (127.0.0.1:$DASHBOARD_PORT, default 8080)
+  submit     start N workers as jobs: `submit --workers 4 [--slurm-partition P --gpus-per-worker 1]`;
+             on SLURM when sbatch is available, else as local processes (submitit's local executor)
+The overrides choose the study as the sweep does, e.g. `hparams_search=grid hydra.sweeper.storage=...`."""
+
+
+def _study_config(overrides: list[str]):
+    """The composed config (with hydra.sweeper) a sweep with these overrides would use; sweep axes such as
+    activation=a,b are ignored here, since they do not change which study it is."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+    if not any(o.startswith("hparams_search=") for o in plain):
+        plain.insert(0, "hparams_search=grid")
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose("train", overrides=plain, return_hydra_config=True)
+
+
+def _submit(overrides: list[str], workers: int, partition: str | None, gpus: int, minutes: int) -> int:
+    """One worker per job, each a fresh `python -m src.train -m ...` process, so nothing (CUDA included)
+    is shared between workers; the study's storage is the only thing they share."""
+    import submitit
+
+    cfg = _study_config(overrides)
+    folder = Path(str(cfg.hydra.sweep.dir))
+    executor = submitit.AutoExecutor(folder=folder / "jobs", cluster=None if _has_slurm() else "local")
+    executor.update_parameters(timeout_min=minutes, gpus_per_node=gpus, cpus_per_task=max(1, os.cpu_count() // workers)
+                               if not _has_slurm() else 4, **({"slurm_partition": partition} if partition else {}))
+    command = [sys.executable, "-m", "src.train", "-m", *overrides, "hydra.sweeper.n_jobs=1"]
+    jobs = [executor.submit(_worker_job, command, str(Path.cwd())) for _ in range(workers)]
+    sweep.log(f"submitted {len(jobs)} worker job(s) to {executor.cluster}: {[j.job_id for j in jobs]}; "
+              f"logs in {folder / 'jobs'}")
+    codes = [j.result() for j in jobs]
+    sweep.log(f"worker exit codes: {codes}")
+    return max(codes, default=0)
+
+
+def _worker_job(command: list[str], cwd: str) -> int:
+    return subprocess.run(command, cwd=cwd).returncode
+
+
+def _has_slurm() -> bool:
+    import shutil
+
+    return shutil.which("sbatch") is not None
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    if not argv or argv[0] not in ("status", "report", "dashboard", "submit"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    cmd = argv[0]
+    parser = argparse.ArgumentParser(prog=f"python -m src.sweeper {cmd}")
+    if cmd == "submit":
+        parser.add_argument("--workers", type=int, default=2)
+        parser.add_argument("--slurm-partition", default=None)
+        parser.add_argument("--gpus-per-worker", type=int, default=0)
+        parser.add_argument("--minutes", type=int, default=24 * 60)
+    args, overrides = parser.parse_known_args(argv[1:])
+    if cmd == "submit":
+        return _submit(overrides, args.workers, args.slurm_partition, args.gpus_per_worker, args.minutes)
+    cfg = _study_config(overrides)
+    url, name = cfg.hydra.sweeper.storage, cfg.hydra.sweeper.study_name
+    if cmd == "dashboard":
+        target = url[len("journal:"):] if (url or "").startswith("journal:") else url
+        port = os.environ.get("DASHBOARD_PORT", "8080")
+        sweep.log(f"optuna-dashboard on {sweep.describe_storage(url)}: http://127.0.0.1:{port}")
+        os.execvp("optuna-dashboard", ["optuna-dashboard", "--host", "127.0.0.1", "--port", port, target])
+    try:
+        study = optuna.load_study(study_name=name, storage=sweep.open_storage(url))
+    except KeyError:
+        print(f"no study named {name!r} in {sweep.describe_storage(url)} yet", file=sys.stderr)
+        return 1
+    if cmd == "status":
+        print(report.status_text(study))
+        return 0
+    out = Path(str(cfg.hydra.sweep.dir)) / "report"
+    paths, text = report.write(study, out, cfg.get("optimized_metric") or "objective")
+    print(text)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        mlflow = tracking.client(tracking.resolve_uri(cfg.tracking.uri))
+        for p in paths:
+            mlflow.log_artifact(parent, str(p), "report")
+    sweep.log(f"report in {out}" + (f" and on MLflow run {parent}" if parent else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,166 @@
+"""`python -m src.train -m hparams_search=grid` end to end: real workers (separate processes), real Lightning
+runs, a real Optuna storage (journal file; PostgreSQL when reachable) and a real MLflow store. One worker is
+killed with SIGKILL, with its trial process, in the middle of a trial, as on node loss."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from src import sweep
+from tests.conftest import ROOT, free_port, runs_of
+from tests.pg import fresh_database
+
+pytestmark = pytest.mark.slow
+
+GRID = ["activation=sigmoid,relu", "init=xavier,he", "model.depth=1,2"]  # 2 x 2 x 2 = 8 points
+TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=8", "+trainer.limit_val_batches=2",
+        "model.width=16", "tracking.plots=false"]
+
+
+def _worker(tmp: Path, storage: str, uri: str, study: str, log: str, extra=()) -> subprocess.Popen:
+    args = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *GRID, *TINY,
+            f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}",
+            "hydra.sweeper.heartbeat_interval=0.5", "hydra.sweeper.grace_period=4",
+            f"hydra.sweep.dir={tmp / 'sweeps'}", *extra]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1")
+    # Its own process group, so that killing "the node" kills the worker and its trial process together.
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=open(tmp / log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_running_trial_of(proc: subprocess.Popen, study: optuna.Study, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.system_attrs.get(sweep.WORKER, "").endswith(f":{proc.pid}") and "mlflow_run_id" in t.user_attrs:
+                return t.number
+        assert proc.poll() is None, "the worker ended before it ran a trial (see its log in tmp_path)"
+        time.sleep(0.1)
+    raise TimeoutError("no trial started")
+
+
+def _run_scenario(tmp: Path, storage: str, uri: str) -> None:
+    study_name = "e2e"
+    a = _worker(tmp, storage, uri, study_name, "a.log")
+    try:
+        study = _load(storage, study_name)
+        victim = _wait_running_trial_of(a, study)
+        b = _worker(tmp, storage, uri, study_name, "b.log")
+        os.killpg(a.pid, signal.SIGKILL)  # the worker and its forked trial process, mid-trial
+        a.wait(30)
+        c = _worker(tmp, storage, uri, study_name, "c.log")  # a replacement node joins later
+        for p, log in ((b, "b.log"), (c, "c.log")):
+            assert p.wait(600) == 0, (tmp / log).read_text()[-3000:]
+    finally:
+        for p in (a, locals().get("b"), locals().get("c")):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    trials = _load(storage, study_name).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    points = sorted(sweep.point_key(t.params) for t in complete)
+    assert len(complete) == 8 and len(set(points)) == 8, [(t.number, t.state, t.params) for t in trials]
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    killed = trials[victim]
+    assert killed.state == TrialState.FAIL and "lease expired" in killed.user_attrs["error"]
+    assert any(t.system_attrs.get("failed_trial") == victim and t.state == TrialState.COMPLETE for t in trials)
+
+    client, runs = runs_of(uri)
+    children = [r for r in runs if r.data.tags.get("study_name") == study_name and "trial_number" in r.data.tags]
+    parents = [r for r in runs if r.data.tags.get("gradflow.sweep") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert sorted(int(r.data.tags["trial_number"]) for r in finished) == sorted(t.number for t in complete)
+    assert all("val/acc" in r.data.metrics and "grad_norm/layer_00" in r.data.metrics for r in finished)
+    victim_run = next(r for r in children if r.data.tags["trial_number"] == str(victim))
+    assert victim_run.info.status in ("KILLED", "FAILED")
+    report = {f.path for f in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/report.csv", "report/report.html", "report/objective.png"} <= report
+
+
+def _load(storage: str, name: str, timeout: float = 120) -> optuna.Study:
+    deadline = time.monotonic() + timeout
+    while True:  # the first worker creates the study
+        try:
+            return optuna.load_study(study_name=name, storage=sweep.open_storage(storage))
+        except KeyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_two_workers_on_a_journal_file_run_an_8_point_grid_exactly_once_despite_a_kill_9(tmp_path):
+    _run_scenario(tmp_path, f"journal:{tmp_path}/optuna.journal", f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_the_same_on_postgresql_for_optuna_and_mlflow(tmp_path):
+    # Two databases: MLflow and Optuna both keep their schema version in a table named alembic_version.
+    with fresh_database("gradflow_optuna") as storage, fresh_database("gradflow_mlflow") as uri:
+        _run_scenario(tmp_path, storage, uri)
+
+
+def test_a_typo_in_the_grid_fails_before_any_trial_or_run(tmp_path):
+    storage, uri = f"journal:{tmp_path}/o.journal", f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run([sys.executable, "-m", "src.train", "-m", "hparams_search=grid", "activation=sigmoid,relux",
+                          "model.depth=0,2", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/s"],
+                         cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "relux" in out.stderr and "model.depth" in out.stderr and "Traceback" not in out.stderr
+    assert not Path(f"{tmp_path}/o.journal").exists() and not runs_of(uri)[1]
+
+
+def _small_grid_args(tmp: Path, storage: str) -> list[str]:
+    return ["hparams_search=grid", "activation=sigmoid,relu", "init=xavier", "model.depth=1", *TINY,
+            f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=small", f"hydra.sweep.dir={tmp}/sweeps"]
+
+
+def test_submitit_local_workers_then_status_report_and_dashboard(tmp_path):
+    """The cluster recipe with submitit's local executor (the same code path submits to SLURM where sbatch
+    exists); then the status and report commands and optuna-dashboard on the same storage."""
+    storage, uri = f"journal:{tmp_path}/o.journal", f"sqlite:///{tmp_path}/mlflow.db"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    args = _small_grid_args(tmp_path, storage)
+    out = subprocess.run([sys.executable, "-m", "src.sweeper", "submit", "--workers", "2", *args], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "submitted 2 worker job(s) to local" in out.stderr
+    study = _load(storage, "small")
+    assert sorted(t.params["activation"] for t in study.get_trials() if t.state == TrialState.COMPLETE) == \
+        ["relu", "sigmoid"]
+
+    status = subprocess.run([sys.executable, "-m", "src.sweeper", "status", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0 and "complete 2" in status.stdout and "best: trial" in status.stdout
+
+    rep = subprocess.run([sys.executable, "-m", "src.sweeper", "report", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert (tmp_path / "sweeps" / "report" / "report.csv").exists()
+
+    port = free_port()
+    dash = subprocess.Popen([sys.executable, "-m", "src.sweeper", "dashboard", *args], cwd=ROOT,
+                            env=dict(env, DASHBOARD_PORT=str(port)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, body = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "small" not in body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert '"study_name": "small"' in body or '"study_name":"small"' in body
+    finally:
+        os.killpg(dash.pid, signal.SIGTERM)
+        dash.wait(30)
