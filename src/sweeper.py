@@ -67,13 +67,13 @@ def run(sw, arguments: list[str]) -> None:
            "durations": []}
     try:
         _work(ctx)
-    finally:
-        for p in siblings:
-            if p.poll() is None:
-                try:
-                    p.wait()
-                except KeyboardInterrupt:
-                    p.terminate()
+    except KeyboardInterrupt:
+        sweep.log("interrupted: the running point is queued again; rerun the same command to resume")
+        for p in siblings:  # they got the same Ctrl-C from the terminal; give them time to re-queue theirs
+            p.wait(60) if p.poll() is None else None
+        sys.exit(130)
+    for p in siblings:
+        p.wait()
     _finish_study(ctx)
 
 
@@ -115,8 +115,13 @@ def _run_trial(ctx: dict, trial: optuna.Trial, params: dict) -> sweep.Outcome:
     if lost:
         msg = {"error": "lease lost to another worker while running; result dropped"}
     _close_mlflow_run(ctx["mlflow"], run_id, "FAILED")  # only if the child could not close it itself
-    if msg.get("pruned"):
-        ctx["mlflow"].set_tag(run_id, "optuna.pruned", "true")
+    try:
+        if msg.get("pruned"):
+            ctx["mlflow"].set_tag(run_id, "optuna.pruned", "true")
+        if msg.get("value") is not None:
+            ctx["mlflow"].set_tag(run_id, "objective", f"{msg['value']:.6g}")
+    except Exception as e:  # noqa: BLE001 - the trial's result is in the storage whatever MLflow says
+        sweep.log(f"could not tag MLflow run {run_id}: {e}")
     _copy_run_summary(ctx["mlflow"], run_id, trial)
     return sweep.Outcome(value=msg.get("value"), error=msg.get("error"), pruned=bool(msg.get("pruned")),
                          retry=msg.get("retry", True))
@@ -129,9 +134,9 @@ def _child(conn, sw, overrides, number, run_id, parent_id, keys, study_name, tri
     os.environ.update({tracking.RUN_ID_ENV: run_id, tracking.PARENT_RUN_ENV: parent_id,
                        tracking.SWEEP_KEYS_ENV: ",".join(keys), TRIAL_ENV: str(number)})
     _ACTIVE.update(sw=sw, study_name=study_name, trial_id=trial_id, metric=metric, pruned=False)
-    if sw.torch_threads:
-        import torch
-        torch.set_num_threads(int(sw.torch_threads))
+    import torch
+
+    torch.set_num_threads(_threads(sw))
     msg: dict[str, Any]
     try:
         from hydra.core.utils import JobStatus
@@ -218,6 +223,11 @@ def _parent_run(study: optuna.Study, mlflow, cfg, uri: str, where: str) -> str:
     return run_id
 
 
+def _threads(sw) -> int:
+    """torch threads per trial: as configured, else the cores shared out among this machine's workers."""
+    return int(sw.torch_threads or max(1, (os.cpu_count() or 1) // int(sw.n_jobs or 1)))
+
+
 def _start_siblings(sw) -> list[subprocess.Popen]:
     """n_jobs > 1: the same command, n_jobs - 1 more times, each a worker of the same study."""
     n = int(sw.n_jobs or 1)
@@ -234,7 +244,8 @@ def _start_siblings(sw) -> list[subprocess.Popen]:
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         out = open(logs / f"worker-{i}.log", "ab")
-        procs.append(subprocess.Popen([sys.executable, *entry, *sys.argv[1:], "hydra.sweeper.n_jobs=1"],
+        procs.append(subprocess.Popen([sys.executable, *entry, *sys.argv[1:], "hydra.sweeper.n_jobs=1",
+                                       f"hydra.sweeper.torch_threads={_threads(sw)}"],
                                       env=env, stdout=out, stderr=subprocess.STDOUT))
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]

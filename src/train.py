@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import hydra
@@ -56,6 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callbacks += trial_callbacks()
         trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
                             default_root_dir=str(out_dir))
+        fit_start = time.perf_counter()
         try:
             trainer.fit(module, datamodule=data)
         except SystemExit:
@@ -65,6 +67,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finally:
             _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
+        results["time/fit_s"] = time.perf_counter() - fit_start  # the rest of a run is set-up and upload
+        run.writer.log_metrics({"time/fit_s": results["time/fit_s"]}, step=trainer.global_step)
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
     return results

@@ -164,3 +164,18 @@ def test_submitit_local_workers_then_status_report_and_dashboard(tmp_path):
     finally:
         os.killpg(dash.pid, signal.SIGTERM)
         dash.wait(30)
+
+
+def test_a_sweep_against_a_real_tracking_server(tmp_path, mlflow_server):
+    storage = f"journal:{tmp_path}/o.journal"
+    out = subprocess.run([sys.executable, "-m", "src.train", "-m", *_small_grid_args(tmp_path, storage)], cwd=ROOT,
+                         env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = runs_of(mlflow_server)
+    children = [r for r in runs if r.data.tags.get("study_name") == "small" and "trial_number" in r.data.tags]
+    assert sorted(r.data.params["activation"] for r in children) == ["relu", "sigmoid"]
+    assert all(r.info.status == "FINISHED" and "objective" in r.data.tags for r in children)
+    parent = next(r for r in runs if r.data.tags.get("gradflow.sweep") == "true")
+    assert parent.info.status == "FINISHED"
+    assert "report/report.csv" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}

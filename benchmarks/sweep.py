@@ -1,0 +1,68 @@
+"""Sweep throughput: one worker against two on the same 8-point grid, and the per-trial overhead.
+
+    python benchmarks/sweep.py [--epochs 3]
+
+Both sweeps run back to back in fresh studies and MLflow stores under a temporary folder, with the thread
+split `make sweep` uses (all cores for one worker; cores/2 each for two). The per-trial overhead is a trial's
+wall time (claim to result, as Optuna records it) minus the time its Lightning fit took (`time/fit_s`):
+fork, Hydra job set-up, MLflow run creation, data loading, artifacts. Last lines: `workers_2_vs_1=<ratio>`
+and `trial_overhead_s=<seconds>`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from src import sweep  # noqa: E402
+
+GRID = ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"]
+
+
+def run_sweep(tmp: Path, workers: int, epochs: int) -> tuple[float, list[float]]:
+    storage, uri = f"journal:{tmp}/w{workers}.journal", f"sqlite:///{tmp}/w{workers}.db"
+    cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *GRID, f"trainer.max_epochs={epochs}",
+           "tracking.plots=true", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
+           f"hydra.sweep.dir={tmp}/sweeps-{workers}"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    study = optuna.load_study(study_name="gradflow-grid", storage=sweep.open_storage(storage))
+    client = MlflowClient(uri)
+    overheads = []
+    for t in study.get_trials():
+        assert t.state.name == "COMPLETE", (t.number, t.state, t.user_attrs.get("error"))
+        fit = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["time/fit_s"]
+        overheads.append((t.datetime_complete - t.datetime_start).total_seconds() - fit)
+    return wall, overheads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gradflow-bench-") as tmp:
+        one, over = run_sweep(Path(tmp), 1, args.epochs)
+        two, _ = run_sweep(Path(tmp), 2, args.epochs)
+    print(f"8-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores")
+    print(f"{'workers':>8} {'wall s':>8}")
+    print(f"{1:>8} {one:8.1f}\n{2:>8} {two:8.1f}")
+    print(f"per-trial overhead (trial wall - fit), 1 worker: median {statistics.median(over):.2f} s, "
+          f"max {max(over):.2f} s")
+    print(f"workers_2_vs_1={two / one:.3f}")
+    print(f"trial_overhead_s={statistics.median(over):.3f}")
+
+
+if __name__ == "__main__":
+    main()
