@@ -371,14 +371,15 @@ class Outcome:
 def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, policy: Policy) -> TrialState:
     """Tell the storage; re-queue a failed point within the retry budget. NaN objectives are recorded as
     FAIL with the value kept in user attrs (Optuna refuses NaN values), never retried."""
+    current = _storage(study).get_trial(trial._trial_id).state
+    if current.is_finished():  # another worker failed it (lease expired) and re-queued it already
+        return current
     if outcome.error:
         trial.set_user_attr("error", outcome.error[-2000:])
     if outcome.pruned:
-        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-        return TrialState.PRUNED
+        return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True).state
     if outcome.value is not None and math.isfinite(outcome.value):
-        study.tell(trial, outcome.value, skip_if_finished=True)
-        return TrialState.COMPLETE
+        return study.tell(trial, outcome.value, skip_if_finished=True).state
     if outcome.value is not None:
         trial.set_user_attr("objective", str(outcome.value))
         trial.set_user_attr("error", f"objective is {outcome.value}")

@@ -112,8 +112,8 @@ def _run_trial(ctx: dict, trial: optuna.Trial, params: dict) -> sweep.Outcome:
             child.terminate()
         child.join(ctx["policy"].heartbeat_interval)
     msg = receive.recv() if receive.poll() else {"error": f"trial process died (exit code {child.exitcode})"}
-    if lost:
-        msg = {"error": "lease lost to another worker while running; result dropped"}
+    if lost:  # the worker that failed this trial has re-queued its point already
+        msg = {"error": "lease lost to another worker while running; result dropped", "retry": False}
     _close_mlflow_run(ctx["mlflow"], run_id, "FAILED")  # only if the child could not close it itself
     try:
         if msg.get("pruned"):

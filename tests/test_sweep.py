@@ -120,6 +120,9 @@ def test_a_worker_alive_but_silent_loses_its_lease_and_its_result_is_not_counted
     time.sleep(FAST.grace_period + 0.2)
     assert sweep.fail_stale(study, FAST) == [slow.number]
     assert not sweep.beat(study, slow._trial_id)  # the slow worker learns it lost the trial
+    late = sweep.Outcome(value=1.0, error="lease lost", retry=False)
+    assert sweep.finish(study, slow, late, FAST) == TrialState.FAIL  # its late result changes nothing
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]  # one retry only
 
 
 @pytest.mark.parametrize("retries,expected", [(2, [TrialState.FAIL, TrialState.COMPLETE]), (0, [TrialState.FAIL])])
