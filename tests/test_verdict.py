@@ -194,7 +194,7 @@ def test_real_runs_deep_sigmoid_vanishes_relu_he_does_not(tracking_uri, compose_
 
 
 def test_real_run_with_stats_off_is_unknown(tracking_uri, compose_cfg):
-    out = train(compose_cfg([*REAL, "model.depth=2", "stats=off"]))
+    out = train(compose_cfg([*REAL, "model.depth=2", "stats=off", "trainer.max_steps=5"]))
     assert out["verdict"] == "unknown"
     _, [run] = runs_of(tracking_uri)
     assert run.data.tags["verdict"] == "unknown" and "stats.enabled=false" in run.data.tags["verdict_reason"]
