@@ -68,7 +68,30 @@ def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, tit
     return _save(fig, path, title)
 
 
-def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str) -> list[Path]:
+def theory_overlay(chi1: list[float], trace: dict, path: Path, title: str = "") -> Path:
+    """Mean-field chi1 per hidden layer next to the measured (||dL/ds_l|| / ||dL/ds_l+1||)^2 at step 0, and
+    the signal each layer receives relative to the output layer, predicted (product of sqrt chi1) and measured."""
+    bp = trace["backprop_norm"][0].astype(np.float64)
+    layers = np.arange(len(chi1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        measured = (bp[:-1] / bp[1:]) ** 2
+        rel = bp / bp[-1]
+    predicted_rel = np.append(np.cumprod(np.sqrt(chi1)[::-1])[::-1], 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(layers, chi1, "o-", label="theory chi1 (mean field)")
+    axes[0].plot(layers, measured, "s--", label="measured, step 0")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set(xlabel="hidden layer l", yscale="log", title="per-layer factor ||dL/ds_l||^2 / ||dL/ds_l+1||^2")
+    axes[1].plot(np.arange(len(bp)), predicted_rel, "o-", label="theory")
+    axes[1].plot(np.arange(len(bp)), rel, "s--", label="measured, step 0")
+    axes[1].set(xlabel="layer (output last)", yscale="log", title="signal relative to the output layer")
+    for ax in axes:
+        ax.legend()
+    return _save(fig, path, title)
+
+
+def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str, chi1: list[float] | None = None) -> list[Path]:
+    """All figures of a run; `chi1` (the mean-field prediction per hidden layer) adds theory.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [training_curves(history, out_dir / "curves.png", title)]
     if trace is not None and len(trace["steps"]):
@@ -77,4 +100,6 @@ def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str) -> li
             layer_curves(trace, out_dir / "layer_norms.png", ("grad_norm", "backprop_norm"), True, title),
             layer_curves(trace, out_dir / "saturation.png", ("act_saturation",), False, title),
         ]
+        if chi1 is not None and trace["steps"][0] == 0:
+            paths.append(theory_overlay(chi1, trace, out_dir / "theory.png", title))
     return paths

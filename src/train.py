@@ -11,7 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from src import plots, tracking, validate, verdict
+from src import plots, theory, tracking, validate, verdict
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
 from src.model import Classifier, build_mlp
@@ -33,6 +33,8 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         init=cfg.init.name, init_params=_plain(cfg.init, drop=("name",)),
     )
     module = Classifier(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
+    prediction = theory.predict(net, data.train_set.tensors[0], cfg.activation.name,
+                                _plain(cfg.activation, drop=("name",)))  # at init: before any step
 
     out_dir = _output_dir()
     choices = _choices(cfg)
@@ -59,17 +61,18 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
                 raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
             raise
         finally:
-            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
+            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name, prediction.chi1)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+        run.writer.log_metrics(theory.metrics(prediction, trace), 0)
         judged = verdict.diagnose(trace, logger.history, cfg.activation.name, verdict.from_config(_plain(cfg.verdict)))
         run.writer.set_tags(judged.tags())
         print(f"verdict: {judged.verdict}: {judged.reason}")
     return {**results, "verdict": judged.verdict}
 
 
-def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> dict | None:
+def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title, chi1=None) -> dict | None:
     """Upload config, trace and figures; return the trace as read back (None without statistics)."""
     hydra_dir = out_dir / ".hydra"
     if hydra_dir.is_dir():
@@ -84,7 +87,7 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> dict | 
         trace = read_trace(trace_path)
     if cfg.tracking.plots:
         try:  # called from a `finally`: a figure that cannot be drawn must not hide the run's own error
-            paths = plots.draw_all(trace, history, out_dir / "plots", title)
+            paths = plots.draw_all(trace, history, out_dir / "plots", title, chi1)
         except Exception as e:  # noqa: BLE001
             print(f"plots: could not draw the figures: {e}", file=sys.stderr)
             paths = []
