@@ -90,8 +90,38 @@ def theory_overlay(chi1: list[float], trace: dict, path: Path, title: str = "") 
     return _save(fig, path, title)
 
 
-def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str, chi1: list[float] | None = None) -> list[Path]:
-    """All figures of a run; `chi1` (the mean-field prediction per hidden layer) adds theory.png."""
+HISTOGRAM_TITLES = {"grad": "weight gradient dL/dW", "backprop": "back-propagated signal dL/ds",
+                    "act": "activation output"}
+
+
+def histogram_heatmap(hist: dict, quantity: str, path: Path, title: str = "") -> Path:
+    """One panel per layer (input layer at the bottom): the fraction of the layer's entries in each log10|x|
+    bin (rows) at each recorded step (columns); exact zeros and NaN/Inf are counted apart, in the panel title."""
+    h, edges = hist[quantity], hist["edges"]
+    steps, layers = h["steps"], h["layers"]
+    total = h["counts"].sum(axis=2) + h["zeros"] + h["nonfinite"]  # [T, L]
+    frac = h["counts"] / np.maximum(total, 1)[..., None]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(9, 1.3 * len(layers) + 1), sharex=True, squeeze=False)
+    for row, j in enumerate(layers[::-1]):
+        ax, k = axes[row][0], len(layers) - 1 - row
+        im = ax.imshow(frac[:, k, :].T, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
+                       vmin=0, vmax=1, extent=(steps[0] - 0.5, steps[-1] + 0.5, edges[0], edges[-1]))
+        zeros = h["zeros"][:, k].sum() / max(total[:, k].sum(), 1)
+        nonfinite = int(h["nonfinite"][:, k].sum())
+        ax.set_ylabel(f"layer {j:02d}", fontsize=8)
+        ax.text(1.01, 0.5, f"zeros {zeros:.0%}\nNaN/Inf {nonfinite}", transform=ax.transAxes, fontsize=7, va="center")
+    axes[-1][0].set_xlabel("step")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="fraction of entries per bin", pad=0.12)
+    fig.suptitle(f"{title}: log10|{HISTOGRAM_TITLES[quantity]}|" if title else f"log10|{HISTOGRAM_TITLES[quantity]}|")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str, chi1: list[float] | None = None,
+             hist: dict | None = None) -> list[Path]:
+    """All figures of a run; `chi1` (the mean-field prediction per hidden layer) adds theory.png, `hist`
+    (src.histograms.read_histograms) one hist_<quantity>.png per quantity."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [training_curves(history, out_dir / "curves.png", title)]
     if trace is not None and len(trace["steps"]):
@@ -102,4 +132,7 @@ def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str, chi1:
         ]
         if chi1 is not None and trace["steps"][0] == 0:
             paths.append(theory_overlay(chi1, trace, out_dir / "theory.png", title))
+    for q in ("grad", "backprop", "act"):
+        if hist is not None and q in hist:
+            paths.append(histogram_heatmap(hist, q, out_dir / f"hist_{q}.png", title))
     return paths

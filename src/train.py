@@ -11,7 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from src import plots, theory, tracking, validate, verdict
+from src import histograms, plots, theory, tracking, validate, verdict
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
 from src.model import Classifier, build_mlp
@@ -52,6 +52,10 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
                 trace_path=out_dir / "trace.parquet", trace_chunk_steps=cfg.stats.trace_chunk_steps,
             )
             callbacks.append(stats_cb)
+        hist_cb = None
+        if cfg.stats.enabled and cfg.stats.get("histogram_every_n_steps", 0):
+            hist_cb = histograms.HistogramCallback(cfg.stats.histogram_every_n_steps, out_dir / "histograms.parquet")
+            callbacks.append(hist_cb)
         trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
                             default_root_dir=str(out_dir))
         try:
@@ -61,7 +65,8 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
                 raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
             raise
         finally:
-            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name, prediction.chi1)
+            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name, prediction.chi1,
+                                   hist_cb)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
@@ -72,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     return {**results, "verdict": judged.verdict}
 
 
-def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title, chi1=None) -> dict | None:
+def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title, chi1=None, hist_cb=None) -> dict | None:
     """Upload config, trace and figures; return the trace as read back (None without statistics)."""
     hydra_dir = out_dir / ".hydra"
     if hydra_dir.is_dir():
@@ -85,9 +90,13 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title, chi1=None)
     if trace_path:
         run.log_artifact(trace_path, "trace")
         trace = read_trace(trace_path)
+    hist_path = hist_cb.close() if hist_cb else None
+    if hist_path:
+        run.log_artifact(hist_path, "trace")
     if cfg.tracking.plots:
         try:  # called from a `finally`: a figure that cannot be drawn must not hide the run's own error
-            paths = plots.draw_all(trace, history, out_dir / "plots", title, chi1)
+            paths = plots.draw_all(trace, history, out_dir / "plots", title, chi1,
+                                   histograms.read_histograms(hist_path) if hist_path else None)
         except Exception as e:  # noqa: BLE001
             print(f"plots: could not draw the figures: {e}", file=sys.stderr)
             paths = []
