@@ -85,3 +85,23 @@ def test_predict_reads_the_init_from_the_weights():
                       "theory/chi1_mean", "theory/depth_scale"}
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         theory.predict(net, torch.randn(4, 64), "swish")
+
+
+def test_train_logs_theory_histograms_and_their_figures(tracking_uri, compose_cfg):
+    from src.train import train
+    from tests.conftest import runs_of
+
+    train(compose_cfg(["trainer.max_epochs=1", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
+                       "trainer.enable_progress_bar=false", "model.depth=3", "model.width=16",
+                       "activation=relu", "init=he", "stats.histogram_every_n_steps=5"]))
+    client, [run] = runs_of(tracking_uri)
+    m = run.data.metrics
+    assert {f"theory/chi1/layer_{i:02d}" for i in range(3)} | {"theory/chi1_mean", "theory/depth_scale"} <= set(m)
+    assert {f"theory/measured_chi1/layer_{i:02d}" for i in range(3)} <= set(m)
+    assert 0.5 < m["theory/chi1/layer_00"] < 2 and m["theory/depth_scale"] > 1  # He on ReLU: near critical
+    arts = {a.path for d in ("trace", "plots") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"trace/histograms.parquet", "plots/theory.png", "plots/hist_grad.png", "plots/hist_backprop.png",
+            "plots/hist_act.png"} <= arts
+    local = client.download_artifacts(run.info.run_id, "trace/histograms.parquet")
+    from src.histograms import read_histograms
+    assert list(read_histograms(local)["grad"]["steps"]) == [0, 5, 10]
