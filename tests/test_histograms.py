@@ -87,3 +87,11 @@ def test_rows_are_flushed_in_chunks(tmp_path):
     import pyarrow.parquet as pq
     t = pq.read_table(tmp_path / "trace" / "histograms.parquet")
     assert t.num_rows == 32 and t.schema.metadata[b"log10_edges"].startswith(b"-12,-11.5")
+
+
+def test_batched_histograms_equal_one_at_a_time():
+    torch.manual_seed(0)
+    ts = [torch.randn(7, 3) * 1e-6, torch.zeros(4), torch.tensor([float("nan"), 2.0]), torch.randn(50).double() * 1e3]
+    batched = histograms.log10_histograms(ts)
+    np.testing.assert_array_equal(batched, np.stack([log10_histogram(t) for t in ts]))
+    np.testing.assert_array_equal(batched.sum(axis=1), [21, 4, 2, 50])
