@@ -70,7 +70,8 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
-        run.writer.log_metrics(theory.metrics(prediction, trace), 0)
+        if trace is not None:  # stats=off stays the bare baseline: no per-layer keys at all
+            run.writer.log_metrics(theory.metrics(prediction, trace), 0)
         judged = verdict.diagnose(trace, logger.history, cfg.activation.name, verdict.from_config(_plain(cfg.verdict)))
         run.writer.set_tags(judged.tags())
         print(f"verdict: {judged.verdict}: {judged.reason}")
