@@ -130,7 +130,7 @@ def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str, chi1:
             layer_curves(trace, out_dir / "layer_norms.png", ("grad_norm", "backprop_norm"), True, title),
             layer_curves(trace, out_dir / "saturation.png", ("act_saturation",), False, title),
         ]
-        if chi1 is not None and trace["steps"][0] == 0:
+        if chi1 and trace["steps"][0] == 0:
             paths.append(theory_overlay(chi1, trace, out_dir / "theory.png", title))
     for q in ("grad", "backprop", "act"):
         if hist is not None and q in hist:

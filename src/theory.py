@@ -56,8 +56,8 @@ def predict(net: nn.Module, x: Tensor, activation: str, activation_params: dict 
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(sorted(registry.ACTIVATIONS))}")
     f = act.make(**(activation_params or {}))
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if len(linears) < 2:
-        raise ValueError("theory: the net needs at least one hidden layer (two Linear layers)")
+    if len(linears) < 2:  # no hidden layer (a single Linear): nothing is back-propagated through an activation
+        return Prediction([], [], math.nan)
     with torch.no_grad():
         sw2 = [m.in_features * float(m.weight.double().pow(2).mean()) for m in linears]
         sb2 = [float(m.bias.double().pow(2).mean()) if m.bias is not None else 0.0 for m in linears]
@@ -87,6 +87,8 @@ def measured_chi1(backprop_norms: np.ndarray) -> np.ndarray:
 def metrics(pred: Prediction, trace: dict | None) -> dict[str, float]:
     """MLflow metrics (step 0): theory/chi1/layer_LL, theory/depth_scale, theory/chi1_mean and, from the
     trace's first recorded step when it is step 0, theory/measured_chi1/layer_LL."""
+    if not pred.chi1:
+        return {}
     out = {f"theory/chi1/layer_{l:02d}": c for l, c in enumerate(pred.chi1)}
     out["theory/chi1_mean"] = mean_chi1(pred.chi1)
     out["theory/depth_scale"] = pred.depth_scale if math.isfinite(pred.depth_scale) else 1e300  # MLflow: finite

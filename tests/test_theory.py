@@ -83,6 +83,8 @@ def test_predict_reads_the_init_from_the_weights():
     m = theory.metrics(p, None)
     assert set(m) == {"theory/chi1/layer_00", "theory/chi1/layer_01", "theory/chi1/layer_02",
                       "theory/chi1_mean", "theory/depth_scale"}
+    single = theory.predict(torch.nn.Sequential(torch.nn.Linear(1, 1)), torch.randn(4, 1), "tanh")
+    assert single.chi1 == [] and theory.metrics(single, None) == {}  # no hidden layer: nothing to predict
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         theory.predict(net, torch.randn(4, 64), "swish")
 
