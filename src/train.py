@@ -12,7 +12,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from src import plots, tracking, validate
+from src import histograms, plots, theory, tracking, validate, verdict
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
 from src.model import Classifier, build_mlp
@@ -23,8 +23,9 @@ TRIAL_ENV = "GRADFLOW_TRIAL"
 GROUPS = ("data", "model", "activation", "init", "optimizer", "trainer", "stats", "tracking")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Seed, build, fit with statistics, track in MLflow; return the final run-level metrics."""
+def train(cfg: DictConfig) -> dict[str, float | str]:
+    """Seed, build, fit with statistics, track in MLflow; return the final run-level metrics (floats)
+    and the run's diagnosis under the key "verdict" (a str, one of src.verdict.VERDICTS)."""
     validate.check(cfg)  # before anything is built or any MLflow run exists
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ArrayDataModule(**_plain(cfg.data), seed=cfg.seed)
@@ -35,6 +36,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         init=cfg.init.name, init_params=_plain(cfg.init, drop=("name",)),
     )
     module = Classifier(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
+    prediction = theory.predict(net, data.train_set.tensors[0], cfg.activation.name,
+                                _plain(cfg.activation, drop=("name",)))  # at init: before any step
 
     out_dir = _output_dir()
     choices = _choices(cfg)
@@ -52,6 +55,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trace_path=out_dir / "trace.parquet", trace_chunk_steps=cfg.stats.trace_chunk_steps,
             )
             callbacks.append(stats_cb)
+        hist_cb = None
+        if cfg.stats.enabled and cfg.stats.get("histogram_every_n_steps", 0):
+            hist_cb = histograms.HistogramCallback(cfg.stats.histogram_every_n_steps, out_dir / "histograms.parquet")
+            callbacks.append(hist_cb)
         if os.environ.get(TRIAL_ENV):  # a trial of a sweep: report to the study, stop if pruned
             from src.sweeper import trial_callbacks
             callbacks += trial_callbacks()
@@ -65,16 +72,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
             raise
         finally:
-            _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
+            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name, prediction.chi1,
+                                   hist_cb)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         results["time/fit_s"] = time.perf_counter() - fit_start  # the rest of a run is set-up and upload
         run.writer.log_metrics({"time/fit_s": results["time/fit_s"]}, step=trainer.global_step)
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
-    return results
+        if trace is not None:  # stats=off stays the bare baseline: no per-layer keys at all
+            run.writer.log_metrics(theory.metrics(prediction, trace), 0)
+        judged = verdict.diagnose(trace, logger.history, cfg.activation.name, verdict.from_config(_plain(cfg.verdict)))
+        run.writer.set_tags(judged.tags())
+        print(f"verdict: {judged.verdict}: {judged.reason}")
+    return {**results, "verdict": judged.verdict}
 
 
-def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> None:
+def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title, chi1=None, hist_cb=None) -> dict | None:
+    """Upload config, trace and figures; return the trace as read back (None without statistics)."""
     hydra_dir = out_dir / ".hydra"
     if hydra_dir.is_dir():
         run.log_artifact(hydra_dir, "hydra")
@@ -82,17 +96,23 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> None:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         run.log_artifact(out_dir / "config.yaml", "hydra")
     trace_path = stats_cb.trace.close() if stats_cb and stats_cb.trace else None
+    trace = None
     if trace_path:
         run.log_artifact(trace_path, "trace")
+        trace = read_trace(trace_path)
+    hist_path = hist_cb.close() if hist_cb else None
+    if hist_path:
+        run.log_artifact(hist_path, "trace")
     if cfg.tracking.plots:
         try:  # called from a `finally`: a figure that cannot be drawn must not hide the run's own error
-            trace = read_trace(trace_path) if trace_path else None
-            paths = plots.draw_all(trace, history, out_dir / "plots", title)
+            paths = plots.draw_all(trace, history, out_dir / "plots", title, chi1,
+                                   histograms.read_histograms(hist_path) if hist_path else None)
         except Exception as e:  # noqa: BLE001
             print(f"plots: could not draw the figures: {e}", file=sys.stderr)
             paths = []
         for p in paths:
             run.log_artifact(p, "plots")
+    return trace
 
 
 def _plain(node, drop: tuple = ()) -> dict:
