@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import plots, tracking, validate
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
+from src.guards import StopOnNonFiniteLoss
 from src.model import Classifier, build_mlp
 from src.trace import read_trace
 
@@ -38,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_name = cfg.tracking.run_name or _run_name(choices, cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri)
     with tracking.TrackedRun(uri, cfg.tracking.experiment, run_name, params=_params(cfg, choices),
-                             spool_dir=out_dir) as run:
+                             spool_dir=out_dir, server_timeout=cfg.tracking.server_timeout) as run:
         logger = tracking.MlflowAsyncLogger(run.writer, cfg.tracking.experiment)
         callbacks = []
         stats_cb = None
@@ -49,6 +50,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trace_path=out_dir / "trace.parquet", trace_chunk_steps=cfg.stats.trace_chunk_steps,
             )
             callbacks.append(stats_cb)
+        guard = StopOnNonFiniteLoss() if cfg.guard.stop_on_nonfinite_loss else None
+        callbacks += [guard] if guard else []
         trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
                             default_root_dir=str(out_dir))
         try:
@@ -59,6 +62,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise
         finally:
             _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
+        if guard and guard.stop_reason:
+            run.writer.set_tags({"stop_reason": guard.stop_reason})
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
@@ -134,6 +139,9 @@ def main(cfg: DictConfig) -> float | None:
     except (validate.ConfigError, DataFilesMissing) as e:
         print("config error:\n  " + str(e).replace("\n", "\n  "), file=sys.stderr)
         sys.exit(2)
+    except tracking.TrackingUnavailable as e:
+        print(f"tracking error: {e}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted: the MLflow run is marked KILLED, with what was recorded", file=sys.stderr)
         sys.exit(130)
