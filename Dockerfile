@@ -11,14 +11,14 @@ RUN useradd --create-home --uid 1000 app
 WORKDIR /app
 
 FROM base AS mlflow
-RUN pip install mlflow==3.17.2 psycopg2-binary==2.9.13 boto3==1.44.5
+RUN pip install mlflow==3.17.2 "psycopg[binary]==3.3.9" boto3==1.44.5
 # The volume mounted on /mlflow inherits this owner: artifacts and the auth database live there.
 RUN mkdir -p /mlflow/artifacts /mlflow/auth && chown -R app /mlflow
 USER app
 EXPOSE 5000
 
 FROM base AS dashboard
-RUN pip install optuna==5.0.0 optuna-dashboard==0.21.0 psycopg2-binary==2.9.13
+RUN pip install optuna==5.0.0 optuna-dashboard==0.21.0 "psycopg[binary]==3.3.9"
 USER app
 EXPOSE 8080
 

@@ -164,13 +164,12 @@ def postgres_url():
     ($GRADFLOW_TEST_POSTGRES, default postgresql://postgres@127.0.0.1:5432/postgres)."""
     import uuid
 
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg = pytest.importorskip("psycopg")
     admin = os.environ.get("GRADFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
     try:
-        con = psycopg2.connect(admin, connect_timeout=3)
-    except psycopg2.OperationalError as e:
+        con = psycopg.connect(admin, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as e:
         pytest.skip(f"no PostgreSQL at {admin.rsplit('@', 1)[-1]}: {str(e).strip()[:200]}")
-    con.autocommit = True
     name = f"gradflow_test_{uuid.uuid4().hex[:12]}"
     with con.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')

@@ -115,8 +115,8 @@ def test_train_against_a_server_on_postgresql(server_factory, postgres_url, monk
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(STEPS)), key
     assert run.data.params["model.depth"] == "3"
     assert "trace" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    import psycopg2  # the runs really are in PostgreSQL, not in a file beside the server
+    import psycopg  # the runs really are in PostgreSQL, not in a file beside the server
 
-    with psycopg2.connect(postgres_url) as con, con.cursor() as cur:
-        cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
-        assert cur.fetchone() == ("FINISHED",)
+    with psycopg.connect(postgres_url) as con:
+        row = con.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,)).fetchone()
+    assert row == ("FINISHED",)
