@@ -11,7 +11,7 @@ RUN useradd --create-home --uid 1000 app
 WORKDIR /app
 
 FROM base AS mlflow
-RUN pip install mlflow==3.17.2 "psycopg[binary]==3.3.9" boto3==1.44.5
+RUN pip install "mlflow[auth]==3.17.2" "psycopg[binary]==3.3.9" boto3==1.44.5
 # The volume mounted on /mlflow inherits this owner: artifacts and the auth database live there.
 RUN mkdir -p /mlflow/artifacts /mlflow/auth && chown -R app /mlflow
 USER app
