@@ -98,7 +98,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = folder / "mlflow-server.log"
 
-    def start(self, timeout: float = 90) -> "MlflowServer":
+    def start(self, timeout: float = 240) -> "MlflowServer":  # a loaded 2-core CI box takes > 60 s
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
@@ -110,7 +110,7 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                urllib.request.urlopen(f"{self.url}/health", timeout=5)
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
