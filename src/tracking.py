@@ -38,8 +38,9 @@ MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits 
 # Retries here are ours, bounded by a deadline. MLflow's own defaults (7 retries, backoff factor 2, 120 s
 # timeout) hold one call for about 4 minutes against a stopped server, so a run's end would wait many
 # minutes before it could spool. Users who set these variables keep their values.
+# MLflow's own "View run at <url>" line would print a password given in the URL; ours is redacted.
 for _var, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
     os.environ.setdefault(_var, _value)
 
 
@@ -314,7 +315,8 @@ class TrackedRun:
         self._artifacts: list[tuple[str, str | None]] = []
 
     def __enter__(self) -> "TrackedRun":
-        deadline = time.monotonic() + self.server_timeout
+        started = time.monotonic()
+        deadline = started + self.server_timeout
         parent = os.environ.get(PARENT_RUN_ENV)
         if parent:
             self.tags["mlflow.parentRunId"] = parent
@@ -324,9 +326,11 @@ class TrackedRun:
                               "reaching the tracking store", deadline)
             self.run_id = retrying(lambda: self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags),
                                    "creating the run", deadline).info.run_id
+            self.experiment_id = exp_id
         except Exception as e:
-            raise TrackingUnavailable(f"could not create a run in {redact(self.uri)} within "
-                                      f"{self.server_timeout:g} s: {redact(_first_line(e))}") from None
+            waited = f" (tried for {time.monotonic() - started:.0f} s)" if time.monotonic() >= deadline else ""
+            raise TrackingUnavailable(f"could not create a run in {redact(self.uri)}{waited}: "
+                                      f"{redact(_first_line(e))}") from None
         self.writer = AsyncRunWriter(self.client, self.run_id, spool_dir=self.spool_dir)
         self.writer.log_params(self.params)
         return self
@@ -353,6 +357,9 @@ class TrackedRun:
                 raise TimeoutError("the tracking server did not answer before the deadline")
             retrying(lambda: self.client.set_terminated(self.run_id, status, end_time),
                      f"marking the run {status}", deadline)
+            if self.uri.startswith(("http://", "https://")):
+                print(f"mlflow: run at {redact(self.uri.rstrip('/'))}/#/experiments/{self.experiment_id}"
+                      f"/runs/{self.run_id}")
         except Exception as e:  # noqa: BLE001 - the status is spooled with the rest, replay sets it
             print(f"mlflow: could not mark run {self.run_id} {status}: {redact(_first_line(e))}", file=sys.stderr)
             self.writer.spool({"status": status, "end_time": end_time})
@@ -397,7 +404,11 @@ class MultirunParentRun(Callback):
     def _finish(self, status: str) -> None:
         if self.run_id is None:
             return
-        self.client.set_terminated(self.run_id, status)
+        try:  # a server that is down right now may be back within a minute
+            retrying(lambda: self.client.set_terminated(self.run_id, status), f"marking the multirun {status}",
+                     time.monotonic() + 60)
+        except Exception as e:  # noqa: BLE001 - the jobs' own runs are complete; say which parent is left
+            print(f"mlflow: could not mark multirun {self.run_id} {status}: {redact(_first_line(e))}", file=sys.stderr)
         self.run_id = None
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEEP_KEYS_ENV, None)

@@ -22,16 +22,18 @@ from src.train import train
 from tests.conftest import ROOT, runs_of
 
 STEPS = 300
-BASE = [f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "stats.log_every_n_steps=50",
+BASE = ["trainer.log_every_n_steps=1", "stats.log_every_n_steps=50",
         "model.depth=4", "model.width=32", "trainer.enable_progress_bar=false", "tracking.plots=false"]
 
 
-def start_training(uri: str, folder: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
-    """`python -m src.train` as a user runs it; stdout/stderr go to files in folder (read by `output`)."""
+def start_training(uri: str, folder: Path, *overrides: str, env: dict | None = None,
+                   steps: int = STEPS) -> subprocess.Popen:
+    """`python -m src.train` as a user runs it; stdout/stderr go to files in folder (read by `finish`)."""
     folder.mkdir(parents=True, exist_ok=True)
     out, err = open(folder / "stdout", "w"), open(folder / "stderr", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "src.train", *BASE, f"hydra.run.dir={folder / 'run'}", *overrides],
+        [sys.executable, "-m", "src.train", *BASE, f"trainer.max_steps={steps}", f"hydra.run.dir={folder / 'run'}",
+         *overrides],
         cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri, **(env or {})}, stdout=out, stderr=err)
     out.close(), err.close()
     return proc
@@ -189,13 +191,13 @@ def test_basic_auth_server_refuses_strangers_and_no_password_leaks(server_factor
     # the password in $MLFLOW_TRACKING_PASSWORD, or in the URL of $MLFLOW_TRACKING_URI: runs, never shown
     with_env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
     in_url = server.url.replace("http://", f"http://admin:{password}@")
-    runs = [(start_training(server.url, tmp_path / "env", "tracking.run_name=env", env=with_env), "env"),
-            (start_training(in_url, tmp_path / "url", "tracking.run_name=url", env=no_creds), "url")]
+    runs = [(start_training(server.url, tmp_path / "env", "tracking.run_name=env", env=with_env, steps=30), "env"),
+            (start_training(in_url, tmp_path / "url", "tracking.run_name=url", env=no_creds, steps=30), "url")]
     for proc, name in runs:
         code, out, err = finish(proc, tmp_path / name)
         assert code == 0, err[-3000:]
         assert password not in out + err
-    assert "admin:***@127.0.0.1" in (tmp_path / "url" / "stdout").read_text()
+    assert f"admin:***@127.0.0.1:{server.port}/#/experiments/" in (tmp_path / "url" / "stdout").read_text()
 
     client = MlflowClient(in_url)
     exp = client.get_experiment_by_name("gradflow")
