@@ -11,7 +11,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast ui bench clean sweep sweep-status sweep-report dashboard
+.PHONY: help install train test test-fast ui bench up down clean sweep sweep-status sweep-report dashboard
 SWEEP_WORKERS ?= 2
 SWEEP_STORAGE ?=
 SWEEP_ARGS = hparams_search=grid $(if $(SWEEP_STORAGE),hydra.sweeper.storage=$(SWEEP_STORAGE)) $(ARGS)
@@ -54,6 +54,21 @@ sweep-report: install ## (re)write the sweep report and attach it to the study's
 
 dashboard: install ## optuna-dashboard on the sweep's storage (DASHBOARD_PORT, default 8080)
 	$(PY) -m src.sweeper dashboard $(SWEEP_ARGS)
+
+WORKERS ?= 0
+COMPOSE := docker compose
+up: ## start PostgreSQL, MLflow and optuna-dashboard with docker compose (WORKERS=4: also 4 sweep workers)
+	@command -v docker >/dev/null || { echo "make up: docker is not installed; install Docker Engine with the compose plugin (https://docs.docker.com/engine/install/)" >&2; exit 1; }
+	@$(COMPOSE) version >/dev/null 2>&1 || { echo "make up: 'docker compose' is missing; install the Docker Compose v2 plugin" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make up: no Docker engine answers (is the daemon running, may this user use it?)" >&2; exit 1; }
+	@test -f .env || { echo "make up: no .env; cp .env.example .env and set its passwords" >&2; exit 1; }
+	@! grep -q '=change-me' .env || { echo "make up: .env still has change-me values; set real passwords first" >&2; exit 1; }
+	$(COMPOSE) up -d --build --wait postgres mlflow optuna-dashboard
+	@if [ "$(WORKERS)" != 0 ]; then $(COMPOSE) up -d --no-deps --scale worker=$(WORKERS) worker; fi
+
+down: ## stop the compose stack (data volumes are kept; `docker compose down -v` deletes them)
+	@command -v docker >/dev/null || { echo "make down: docker is not installed" >&2; exit 1; }
+	$(COMPOSE) down
 
 clean: ## remove outputs of runs (keeps mlflow.db and .venv)
 	rm -rf outputs multirun

@@ -4,6 +4,10 @@ Lightning's MLFlowLogger sends one synchronous request per `log_metrics` call (0
 statistics every step would make training several times slower. Here every write is queued and a
 background thread merges the queue into `log_batch` requests (<= 1000 metrics each), retrying while the
 server is unreachable and spooling to a local file what it still cannot send when the run ends.
+
+Every end-of-run call (metric backlog, artifacts, final status) retries until one deadline,
+`tracking.server_timeout` seconds after training ends; what is still unsent then (final status included)
+goes to the spool file, and `python -m src.tracking replay <file>` sends it later.
 """
 from __future__ import annotations
 
@@ -32,6 +36,18 @@ SWEEP_KEYS_ENV = "GRADFLOW_SWEEP_KEYS"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits per request
 
+# Retries here are ours, bounded by a deadline. MLflow's own defaults (7 retries, backoff factor 2, 120 s
+# timeout) hold one call for about 4 minutes against a stopped server, so a run's end would wait many
+# minutes before it could spool. Users who set these variables keep their values.
+# MLflow's own "View run at <url>" line would print a password given in the URL; ours is redacted.
+for _var, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
+    os.environ.setdefault(_var, _value)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store could not be reached in time to create the run."""
+
 
 def resolve_uri(uri: str | None = None) -> str:
     """$MLFLOW_TRACKING_URI, else the configured uri, else the embedded store mlflow.db in the cwd."""
@@ -55,9 +71,28 @@ def client(uri: str) -> MlflowClient:
         return MlflowClient(uri)
 
 
-def redact(uri: str) -> str:
-    """The URI with any password replaced, safe to print or log."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
+def redact(text: str) -> str:
+    """The text with the password of any URL in it replaced, safe to print or log."""
+    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", str(text))
+
+
+def retrying(call, what: str, deadline: float):
+    """call() until it succeeds or time.monotonic() passes deadline (then the last error is raised).
+    A refusal the server understood (bad value, unknown run, not allowed) is raised at once."""
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - any transport failure: retry until the deadline
+            if _is_permanent(e) or time.monotonic() + delay > deadline:
+                raise
+            print(f"mlflow: {what} failed ({redact(_first_line(e))}); retrying", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
@@ -87,6 +122,8 @@ class AsyncRunWriter:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0  # metrics+params+tags not yet sent (approximate, for progress lines)
         self._deadline: float | None = None
+        self._offline = False  # the deadline passed with the server unreachable: spool without trying
+        self._spool_lock = threading.Lock()
         self.sent = 0
         self.spooled_to: Path | None = None
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
@@ -126,7 +163,7 @@ class AsyncRunWriter:
     def _send(self, metrics: list, params: list, tags: list) -> None:
         while metrics or params or tags:
             m, p, t = metrics[:MAX_METRICS], params[:MAX_PARAMS], tags[:MAX_TAGS]
-            if not self._send_one(m, p, t):
+            if self._offline or not self._send_one(m, p, t):
                 self._spool(metrics, params, tags)
                 return
             metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
@@ -145,26 +182,30 @@ class AsyncRunWriter:
                 if self._deadline is not None:
                     limit = min(limit, self._deadline)
                 if time.monotonic() + delay > limit or _is_permanent(e):
-                    print(f"mlflow: could not send {len(m) + len(p) + len(t)} values: {e}", file=sys.stderr)
+                    self._offline = self._deadline is not None and not _is_permanent(e)
+                    print(f"mlflow: could not send {len(m) + len(p) + len(t)} values: "
+                          f"{redact(_first_line(e))}", file=sys.stderr)
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     def _spool(self, metrics, params, tags) -> None:
+        self.spool({"metrics": [[x.key, x.value, x.timestamp, x.step] for x in metrics],
+                    "params": {x.key: x.value for x in params}, "tags": {x.key: x.value for x in tags}})
+        self._queued -= len(metrics) + len(params) + len(tags)
+
+    def spool(self, record: dict) -> None:
+        """Append one record for `replay`: metrics/params/tags, artifacts [[local, artifact_path]],
+        or the final status (and end_time) of the run."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         path = self.spool_dir / f"mlflow-spool-{self.run_id}.jsonl"
-        with path.open("a") as f:
-            f.write(json.dumps({
-                "run_id": self.run_id,
-                "metrics": [[x.key, x.value, x.timestamp, x.step] for x in metrics],
-                "params": {x.key: x.value for x in params},
-                "tags": {x.key: x.value for x in tags},
-            }) + "\n")
-        self._queued -= len(metrics) + len(params) + len(tags)
+        with self._spool_lock, path.open("a") as f:
+            f.write(json.dumps({"run_id": self.run_id, **record}) + "\n")
         self.spooled_to = path
 
     def close(self, timeout: float = 120.0) -> None:
-        """Send the backlog (printing progress while it is large), then stop the thread."""
+        """Send the backlog (printing progress while it is large), then stop the thread; what cannot be
+        sent within `timeout` seconds is spooled."""
         self._deadline = time.monotonic() + timeout
         self._q.put(("stop", None))
         last = 0.0
@@ -173,27 +214,65 @@ class AsyncRunWriter:
             if self._thread.is_alive() and time.monotonic() - last > 2.0:
                 print(f"mlflow: sending backlog, {max(self._queued, 0)} values left ...", file=sys.stderr)
                 last = time.monotonic()
+
+    def print_replay_command(self) -> None:
         if self.spooled_to is not None:
-            print(f"mlflow: some values could not be sent; replay them with:\n"
+            print(f"mlflow: some of run {self.run_id} could not be sent; replay it with:\n"
                   f"  python -m src.tracking replay {self.spooled_to}", file=sys.stderr)
 
 
 def _is_permanent(e: Exception) -> bool:
-    """A request the server understood and refused (bad value, unknown run): retrying cannot help."""
-    return isinstance(e, MlflowException) and e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+    """A request the server understood and refused (bad value, unknown run, no permission): retrying
+    cannot help."""
+    return isinstance(e, MlflowException) and e.error_code in (
+        "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
-def replay(spool: str | Path, uri: str | None = None) -> int:
-    """Send a spool file's records to the tracking store; returns the number of values sent."""
+def replay(spool: str | Path, uri: str | None = None, timeout: float = 120.0) -> int:
+    """Send a spool file's records to the tracking store (values, then artifacts, then the final
+    status); returns the number of values and artifacts sent. What fails again is spooled anew under
+    replay-failed/ beside the file."""
     store, n = client(resolve_uri(uri)), 0
-    for line in Path(spool).read_text().splitlines():
-        rec = json.loads(line)
-        writer = AsyncRunWriter(store, rec["run_id"], spool_dir=Path(spool).parent / "replay-failed")
-        writer._send([Metric(*m) for m in rec["metrics"]], [Param(k, v) for k, v in rec["params"].items()],
-                     [RunTag(k, v) for k, v in rec["tags"].items()])
-        writer.close()
-        n += writer.sent
+    records = [json.loads(line) for line in Path(spool).read_text().splitlines() if line.strip()]
+    writers: dict[str, AsyncRunWriter] = {}
+    for rec in records:
+        run_id = rec["run_id"]
+        w = writers.setdefault(run_id, AsyncRunWriter(store, run_id, spool_dir=Path(spool).parent / "replay-failed"))
+        w._deadline = time.monotonic() + timeout
+        w._send([Metric(*m) for m in rec.get("metrics", [])],
+                [Param(k, v) for k, v in rec.get("params", {}).items()],
+                [RunTag(k, v) for k, v in rec.get("tags", {}).items()])
+    for rec in records:  # artifacts and status after every value, so a FINISHED run is complete
+        w, deadline = writers[rec["run_id"]], time.monotonic() + timeout
+        for local, artifact_path in rec.get("artifacts", []):
+            if _upload(store, rec["run_id"], local, artifact_path, deadline):
+                n += 1
+            else:
+                w.spool({"artifacts": [[local, artifact_path]]})
+        if "status" in rec:
+            try:
+                retrying(lambda: store.set_terminated(rec["run_id"], rec["status"], rec.get("end_time")),
+                         "setting the run status", deadline)
+            except Exception as e:  # noqa: BLE001
+                print(f"mlflow: could not mark run {rec['run_id']} {rec['status']}: {redact(_first_line(e))}",
+                      file=sys.stderr)
+                w.spool({"status": rec["status"], "end_time": rec.get("end_time")})
+    for w in writers.values():
+        w.close(timeout)
+        n += w.sent
+        w.print_replay_command()
     return n
+
+
+def _upload(store: MlflowClient, run_id: str, local: str, artifact_path: str | None, deadline: float) -> bool:
+    """Upload a file, or a folder's contents, under artifact_path, retrying until deadline."""
+    upload = store.log_artifacts if Path(local).is_dir() else store.log_artifact
+    try:
+        retrying(lambda: upload(run_id, str(local), artifact_path), f"uploading {local}", deadline)
+        return True
+    except Exception as e:  # noqa: BLE001 - an artifact upload failure must not fail the run
+        print(f"mlflow: could not upload {local}: {redact(_first_line(e))}", file=sys.stderr)
+        return False
 
 
 class MlflowAsyncLogger(Logger):
@@ -230,19 +309,35 @@ class TrackedRun:
     """One MLflow run: created on enter, FINISHED / FAILED / KILLED (Ctrl-C) on exit, never left RUNNING."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict, tags: dict | None = None,
-                 spool_dir: str | Path | None = None):
+                 spool_dir: str | Path | None = None, server_timeout: float = 120.0):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.params, self.tags, self.spool_dir = params, dict(tags or {}), spool_dir
+        self.server_timeout = server_timeout
+        self._artifacts: list[tuple[str, str | None]] = []
 
     def __enter__(self) -> "TrackedRun":
-        self.client = client(self.uri)
-        exp_id = ensure_experiment(self.client, self.experiment, self.uri)
+        started = time.monotonic()
+        deadline = started + self.server_timeout
         parent = os.environ.get(PARENT_RUN_ENV)
         if parent:
             self.tags["mlflow.parentRunId"] = parent
-        self.run_id = os.environ.get(RUN_ID_ENV)  # a sweep trial: the worker created the run, so it can
-        if self.run_id is None:                    # close it if this process dies
-            self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
+        try:
+            self.client = client(self.uri)
+            self.run_id = os.environ.get(RUN_ID_ENV)  # a sweep trial: the worker created the run, so it
+            if self.run_id is None:                    # can close it if this process dies
+                exp_id = retrying(lambda: ensure_experiment(self.client, self.experiment, self.uri),
+                                  "reaching the tracking store", deadline)
+                self.run_id = retrying(lambda: self.client.create_run(exp_id, run_name=self.run_name,
+                                                                      tags=self.tags),
+                                       "creating the run", deadline).info.run_id
+            else:
+                exp_id = retrying(lambda: self.client.get_run(self.run_id).info.experiment_id,
+                                  "reaching the tracking store", deadline)
+            self.experiment_id = exp_id
+        except Exception as e:
+            waited = f" (tried for {time.monotonic() - started:.0f} s)" if time.monotonic() >= deadline else ""
+            raise TrackingUnavailable(f"could not create a run in {redact(self.uri)}{waited}: "
+                                      f"{redact(_first_line(e))}") from None
         self.writer = AsyncRunWriter(self.client, self.run_id, spool_dir=self.spool_dir)
         if os.environ.get(RUN_ID_ENV):
             self.writer.set_tags(self.tags)
@@ -250,26 +345,34 @@ class TrackedRun:
         return self
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a file, or a folder's contents, under artifact_path."""
-        upload = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-        try:
-            upload(self.run_id, str(path), artifact_path)
-        except Exception as e:  # noqa: BLE001 - an artifact upload failure must not fail the run
-            print(f"mlflow: could not upload {path}: {e}", file=sys.stderr)
+        """Upload a file, or a folder's contents, under artifact_path when the run ends (after the
+        metrics, within the same deadline; spooled for replay if the server cannot take it)."""
+        self._artifacts.append((str(Path(path).resolve()), artifact_path))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         status = "FINISHED" if exc_type is None else "KILLED" if exc_type is KeyboardInterrupt else "FAILED"
         if exc is not None:
-            self.writer.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
-        self.writer.close()
-        for attempt in range(20):
-            try:
-                self.client.set_terminated(self.run_id, status)
-                return
-            except Exception as e:  # noqa: BLE001 - server may be briefly down; keep trying a while
-                if attempt == 19:
-                    print(f"mlflow: could not mark run {self.run_id} {status}: {e}", file=sys.stderr)
-                time.sleep(min(0.5 * 2 ** attempt, 5.0))
+            self.writer.set_tags({"error": redact(f"{exc_type.__name__}: {exc}")[:5000]})
+        deadline = time.monotonic() + self.server_timeout
+        self.writer.close(self.server_timeout)
+        offline = self.writer._offline
+        for local, artifact_path in self._artifacts:
+            if offline or not _upload(self.client, self.run_id, local, artifact_path, deadline):
+                offline = offline or time.monotonic() >= deadline
+                self.writer.spool({"artifacts": [[local, artifact_path]]})
+        end_time = int(time.time() * 1000)
+        try:
+            if offline:
+                raise TimeoutError("the tracking server did not answer before the deadline")
+            retrying(lambda: self.client.set_terminated(self.run_id, status, end_time),
+                     f"marking the run {status}", deadline)
+            if self.uri.startswith(("http://", "https://")):
+                print(f"mlflow: run at {redact(self.uri.rstrip('/'))}/#/experiments/{self.experiment_id}"
+                      f"/runs/{self.run_id}")
+        except Exception as e:  # noqa: BLE001 - the status is spooled with the rest, replay sets it
+            print(f"mlflow: could not mark run {self.run_id} {status}: {redact(_first_line(e))}", file=sys.stderr)
+            self.writer.spool({"status": status, "end_time": end_time})
+        self.writer.print_replay_command()
 
 
 class MultirunParentRun(Callback):
@@ -295,7 +398,7 @@ class MultirunParentRun(Callback):
         exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)
         name = "multirun " + " ".join(swept or overrides)
         self.run_id = self.client.create_run(exp_id, run_name=name[:250], tags={
-            "gradflow.multirun": "true", "gradflow.overrides": " ".join(overrides)[:5000],
+            "gradflow.multirun": "true", "gradflow.overrides": redact(" ".join(overrides))[:5000],
         }).info.run_id
         os.environ[PARENT_RUN_ENV] = self.run_id
         os.environ[SWEEP_KEYS_ENV] = ",".join(keys)
@@ -313,7 +416,11 @@ class MultirunParentRun(Callback):
     def _finish(self, status: str) -> None:
         if self.run_id is None:
             return
-        self.client.set_terminated(self.run_id, status)
+        try:  # a server that is down right now may be back within a minute
+            retrying(lambda: self.client.set_terminated(self.run_id, status), f"marking the multirun {status}",
+                     time.monotonic() + 60)
+        except Exception as e:  # noqa: BLE001 - the jobs' own runs are complete; say which parent is left
+            print(f"mlflow: could not mark multirun {self.run_id} {status}: {redact(_first_line(e))}", file=sys.stderr)
         self.run_id = None
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEEP_KEYS_ENV, None)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from src import histograms, plots, theory, tracking, validate, verdict
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
+from src.guards import StopOnNonFiniteLoss
 from src.model import Classifier, build_mlp
 from src.trace import read_trace
 
@@ -44,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     run_name = cfg.tracking.run_name or _run_name(choices, cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri)
     with tracking.TrackedRun(uri, cfg.tracking.experiment, run_name, params=_params(cfg, choices),
-                             spool_dir=out_dir) as run:
+                             spool_dir=out_dir, server_timeout=cfg.tracking.server_timeout) as run:
         logger = tracking.MlflowAsyncLogger(run.writer, cfg.tracking.experiment)
         callbacks = []
         stats_cb = None
@@ -62,6 +63,8 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         if os.environ.get(TRIAL_ENV):  # a trial of a sweep: report to the study, stop if pruned
             from src.sweeper import trial_callbacks
             callbacks += trial_callbacks()
+        guard = StopOnNonFiniteLoss() if cfg.guard.stop_on_nonfinite_loss else None
+        callbacks += [guard] if guard else []
         trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
                             default_root_dir=str(out_dir))
         fit_start = time.perf_counter()
@@ -74,6 +77,8 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         finally:
             trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name, prediction.chi1,
                                    hist_cb)
+        if guard and guard.stop_reason:
+            run.writer.set_tags({"stop_reason": guard.stop_reason})
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         results["time/fit_s"] = time.perf_counter() - fit_start  # the rest of a run is set-up and upload
         run.writer.log_metrics({"time/fit_s": results["time/fit_s"]}, step=trainer.global_step)
@@ -163,6 +168,9 @@ def main(cfg: DictConfig) -> float | None:
     except (validate.ConfigError, DataFilesMissing) as e:
         print("config error:\n  " + str(e).replace("\n", "\n  "), file=sys.stderr)
         sys.exit(2)
+    except tracking.TrackingUnavailable as e:
+        print(f"tracking error: {e}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted: the MLflow run is marked KILLED, with what was recorded", file=sys.stderr)
         sys.exit(130)

@@ -97,6 +97,11 @@ def problems(cfg) -> list[str]:
     need(_int(c["seed"]), "seed", "must be an integer", c["seed"])
     out += verdict.problems(c.get("verdict", {}))
 
+    need(_number(c["tracking"]["server_timeout"]) and c["tracking"]["server_timeout"] >= 0,
+         "tracking.server_timeout", "must be a number of seconds >= 0", c["tracking"]["server_timeout"])
+    if urlparse(str(c["tracking"]["uri"] or "")).password:  # the config is saved with the run
+        out.append(f"tracking.uri={redact(c['tracking']['uri'])!r}: no password in the config, it is saved "
+                   "with every run; set $MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD instead")
     uri = resolve_uri(c["tracking"]["uri"])
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme not in TRACKING_SCHEMES or (scheme in ("http", "https") and not urlparse(uri).hostname):

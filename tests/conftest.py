@@ -86,39 +86,100 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` (SQLite backend, served artifacts) in its own process group; yields its URL.
-    Teardown stops the whole group (the server starts helper processes) by its id."""
-    port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
+class MlflowServer:
+    """A real `mlflow server` in its own process group, on a fixed port and store, so a test can kill it
+    (an outage) and start it again where it was. Extra args/env e.g. turn on the basic-auth app."""
+
+    def __init__(self, folder: Path, backend: str | None = None, args: list[str] = (), env: dict | None = None):
+        self.folder, self.port = folder, free_port()
+        self.backend = backend or f"sqlite:///{folder / 'server.db'}"
+        self.args, self.env = list(args), {**os.environ, **(env or {})}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = folder / "mlflow-server.log"
+
+    def start(self, timeout: float = 240) -> "MlflowServer":  # a loaded 2-core CI box takes > 60 s
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
+             "--artifacts-destination", str(self.folder / "server-artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1", *self.args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
+                urllib.request.urlopen(f"{self.url}/health", timeout=5)
+                return self
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not start: {self.log_path.read_text()[-2000:]}")
                 time.sleep(0.3)
-        yield url
-    finally:
+
+    def kill(self) -> None:
+        """A crash: SIGKILL to the whole process group (the server and its workers)."""
+        self.stop(signal.SIGKILL)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
         except ProcessLookupError:
             pass
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """server_factory(backend=None, args=(), env=None) -> a started MlflowServer; all stopped at teardown."""
+    started: list[MlflowServer] = []
+
+    def _start(**kwargs) -> MlflowServer:
+        folder = tmp_path / f"server{len(started)}"
+        folder.mkdir()
+        started.append(MlflowServer(folder, **kwargs).start())
+        return started[-1]
+    yield _start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(server_factory) -> str:
+    """A real `mlflow server` (SQLite backend, served artifacts) in its own process group; yields its URL.
+    Teardown stops the whole group (the server starts helper processes) by its id."""
+    return server_factory().url
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for this test session, dropped after it; skips when no server answers
+    ($GRADFLOW_TEST_POSTGRES, default postgresql://postgres@127.0.0.1:5432/postgres)."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    admin = os.environ.get("GRADFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        con = psycopg.connect(admin, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {admin.rsplit('@', 1)[-1]}: {str(e).strip()[:200]}")
+    name = f"gradflow_test_{uuid.uuid4().hex[:12]}"
+    with con.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with con.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        con.close()
 
 
 class SlowProxy:

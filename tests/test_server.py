@@ -102,3 +102,21 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_what_was_recorded(tmp_path):
     assert run.info.status == "KILLED"
     assert client.get_metric_history(run.info.run_id, "train/loss")
     assert "trace" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_train_against_a_server_on_postgresql(server_factory, postgres_url, monkeypatch, compose_cfg):
+    server = server_factory(backend=postgres_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    train(compose_cfg(CFG + ["tracking.experiment=on-postgres"]))
+    client, [run] = runs_of(server.url, "on-postgres")
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "grad_norm/layer_00", "backprop_norm/layer_02", "update_ratio/layer_03"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(STEPS)), key
+    assert run.data.params["model.depth"] == "3"
+    assert "trace" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    import psycopg  # the runs really are in PostgreSQL, not in a file beside the server
+
+    with psycopg.connect(postgres_url) as con:
+        row = con.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,)).fetchone()
+    assert row == ("FINISHED",)

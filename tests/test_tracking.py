@@ -74,3 +74,17 @@ def test_tracked_run_never_stays_running(tracking_uri, exc, status):
     assert got.data.metrics == {"x": 1.0} and got.data.params == {"a": "1"}
     if exc:
         assert "boom" in got.data.tags["error"]
+
+
+def test_a_run_that_cannot_be_created_says_so_in_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = "http://bob:s3cret@127.0.0.1:9"  # nothing listens on the discard port
+    with pytest.raises(tracking.TrackingUnavailable, match=r"could not create a run in http://bob:\*\*\*@127.0.0.1:9") as e:
+        with tracking.TrackedRun(uri, "e", "r", params={}, server_timeout=1):
+            pass
+    assert "s3cret" not in str(e.value)
+
+
+def test_redact_finds_urls_inside_messages():
+    msg = "API request to http://bob:s3cret@host:5000/api/2.0/x failed; retry http://amy:pw@h/"
+    assert tracking.redact(msg) == "API request to http://bob:***@host:5000/api/2.0/x failed; retry http://amy:***@h/"

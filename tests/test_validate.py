@@ -27,12 +27,15 @@ from tests.conftest import ROOT, runs_of
     ("tracking.uri=notaurl", "tracking.uri", "not a tracking URI"),
     ("tracking.uri=http://", "tracking.uri", "not a tracking URI"),
     ("data=mnist", "data.path", "no such file"),
+    ("tracking.server_timeout=-1", "tracking.server_timeout", ">= 0"),
+    ("tracking.uri=http://bob:s3cret@host:5000", "tracking.uri", "MLFLOW_TRACKING_PASSWORD"),
 ])
 def test_each_bad_value_is_named(override, key, hint, compose_cfg, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     found = validate.problems(compose_cfg([override, "data.path=/nonexistent"] if "mnist" in override else [override]))
     assert len(found) == 1, found
     assert found[0].startswith(f"{key}=") and hint in found[0]
+    assert "s3cret" not in found[0]
 
 
 def test_default_config_is_valid(compose_cfg, tracking_uri):
