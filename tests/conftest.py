@@ -20,6 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from mlflow.tracking import MlflowClient
 
+from tests.pg import fresh_database
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -160,26 +162,9 @@ def mlflow_server(server_factory) -> str:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A fresh PostgreSQL database for this test session, dropped after it; skips when no server answers
-    ($GRADFLOW_TEST_POSTGRES, default postgresql://postgres@127.0.0.1:5432/postgres)."""
-    import uuid
-
-    psycopg = pytest.importorskip("psycopg")
-    admin = os.environ.get("GRADFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-    try:
-        con = psycopg.connect(admin, connect_timeout=3, autocommit=True)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {admin.rsplit('@', 1)[-1]}: {str(e).strip()[:200]}")
-    name = f"gradflow_test_{uuid.uuid4().hex[:12]}"
-    with con.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    base = admin.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with con.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        con.close()
+    """A fresh PostgreSQL database for this test session, dropped after it (see tests/pg.py)."""
+    with fresh_database() as url:
+        yield url
 
 
 class SlowProxy:
