@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 .PHONY: help install train test test-fast ui bench up down clean sweep sweep-status sweep-report dashboard
 SWEEP_WORKERS ?= 2
 SWEEP_STORAGE ?=
-SWEEP_ARGS = hparams_search=grid $(if $(SWEEP_STORAGE),hydra.sweeper.storage=$(SWEEP_STORAGE)) $(ARGS)
+SWEEP_ARGS = hparams_search=grid $(ARGS)
+export GRADFLOW_SWEEP_STORAGE := $(or $(SWEEP_STORAGE),$(GRADFLOW_SWEEP_STORAGE))
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'

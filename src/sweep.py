@@ -126,8 +126,8 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     """`journal:<file>` (default; several processes on one machine, or a shared filesystem), `redis://...`
     (journal on Redis), or an SQLAlchemy URL (`sqlite:///...`, `postgresql://...`: a cluster)."""
     url = url or DEFAULT_STORAGE
-    if url.startswith(("postgresql://", "postgres://")):  # SQLAlchemy's default driver (psycopg2) is not
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # a dependency; psycopg 3 is
+    if url.startswith(("postgresql://", "postgres://")):  # psycopg 3, the driver we install, also where an
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # older SQLAlchemy would pick psycopg2
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):]).expanduser()

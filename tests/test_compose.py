@@ -78,8 +78,9 @@ def test_worker_scales_and_reaches_the_stack_by_service_name():
     assert "container_name" not in worker and not worker.get("ports")  # --scale worker=N needs both
     env = worker["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["OPTUNA_STORAGE"].startswith("postgresql://") and env["OPTUNA_STORAGE"].endswith("@postgres:5432/optuna")
-    assert "hparams_search=" in " ".join(worker["command"])
+    storage = env["GRADFLOW_SWEEP_STORAGE"]  # from the environment, so no password lands in a run's .hydra/
+    assert storage.startswith("postgresql://") and storage.endswith("@postgres:5432/optuna")
+    assert "hparams_search=" in " ".join(worker["command"]) and "storage" not in " ".join(worker["command"])
 
 
 def test_mlflow_server_has_auth_host_and_cors_protection_and_postgres():
