@@ -165,7 +165,8 @@ def diagnose(trace: dict | None, history: dict, activation: str, th: Thresholds)
 
     # ---- exploding: no patience, one non-finite step is already fatal --------------------------------
     found: dict[str, tuple[int, str]] = {}
-    nonfinite = (trace["grad_nonfinite"] > 0) | ~np.isfinite(trace["grad_norm"]) | ~np.isfinite(trace["backprop_norm"])
+    # (a NaN backprop_norm alone is a layer the loss does not reach, e.g. a frozen one: not an explosion)
+    nonfinite = (trace["grad_nonfinite"] > 0) | ~np.isfinite(trace["grad_norm"])
     rows = np.flatnonzero(nonfinite.any(axis=1))
     if rows.size:
         i = rows[0]

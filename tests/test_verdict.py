@@ -151,6 +151,12 @@ def test_a_run_stopped_on_its_first_nan_loss_is_exploding():
     assert v.verdict == "exploding" and "layer 00's gradient has a non-finite norm at step 7" in v.reason
 
 
+def test_a_layer_the_loss_does_not_reach_is_not_an_explosion():
+    bp = np.ones((200, 4))
+    bp[:, 1] = np.nan  # the callback's mark for a frozen/unused layer; its gradient norm stays finite (0)
+    assert verdict.diagnose(make_trace(backprop_norm=bp), FALLING, "tanh", TH).verdict == "healthy"
+
+
 def test_stats_off_is_unknown_with_a_reason():
     v = verdict.diagnose(None, FALLING, "relu", TH)
     assert v.verdict == "unknown" and "stats.enabled=false" in v.reason
