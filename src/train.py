@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from src import plots, tracking, validate
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
-from src.model import Classifier, build_mlp
+from src.model import Classifier, Regressor, build_mlp
 from src.trace import read_trace
+from src.weight_change import WeightChangeCallback
 
 GROUPS = ("data", "model", "activation", "init", "optimizer", "trainer", "stats", "tracking")
 
@@ -25,13 +26,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate.check(cfg)  # before anything is built or any MLflow run exists
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ArrayDataModule(**_plain(cfg.data), seed=cfg.seed)
-    widths = list(cfg.model.widths) if cfg.model.widths else [cfg.model.width] * cfg.model.depth
+    m = cfg.model
+    widths = list(m.widths) if m.widths is not None else [m.width] * m.depth
     net = build_mlp(
         data.in_dim, data.n_classes, widths,
         activation=cfg.activation.name, activation_params=_plain(cfg.activation, drop=("name",)),
         init=cfg.init.name, init_params=_plain(cfg.init, drop=("name",)),
+        norm=m.get("norm", "none"), residual=bool(m.get("residual", False)),
+        head_activation=m.get("head_activation"),
     )
-    module = Classifier(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
+    task = Regressor if data.task == "regression" else Classifier
+    module = task(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
 
     out_dir = _output_dir()
     choices = _choices(cfg)
@@ -49,6 +54,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trace_path=out_dir / "trace.parquet", trace_chunk_steps=cfg.stats.trace_chunk_steps,
             )
             callbacks.append(stats_cb)
+        change_cb = None
+        if cfg.stats.get("weight_change"):  # seeds 000/004: per-step mean |dW| and before/after change
+            change_cb = WeightChangeCallback(cfg.stats.every_n_steps, cfg.stats.log_every_n_steps,
+                                             csv_path=out_dir / "weight_change.csv")
+            callbacks.append(change_cb)
         trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
                             default_root_dir=str(out_dir))
         try:
@@ -59,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise
         finally:
             _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
+            _log_extras(run, cfg, out_dir, stats_cb, change_cb, trainer, run_name)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
@@ -84,6 +95,25 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> None:
             paths = []
         for p in paths:
             run.log_artifact(p, "plots")
+
+
+def _log_extras(run, cfg, out_dir: Path, stats_cb, change_cb, trainer, title) -> None:
+    """The presets' extra views: per-epoch layer statistics (seed 003) and weight change (000, 004)."""
+    try:  # called from a `finally`, like the figures
+        if change_cb is not None and change_cb.write_csv():
+            run.log_artifact(change_cb.csv_path, "trace")
+            if cfg.tracking.plots:
+                run.log_artifact(plots.weight_change(change_cb.steps, change_cb.mean_abs,
+                                                     out_dir / "plots" / "weight_change.png", title), "plots")
+        trace_path = stats_cb.trace.path if stats_cb and stats_cb.trace else None
+        if cfg.tracking.get("epoch_stats") and trace_path and trace_path.exists():
+            per_epoch = max(1, trainer.num_training_batches // cfg.trainer.accumulate_grad_batches)
+            csv_path, png = plots.epoch_stats(read_trace(trace_path), per_epoch, out_dir / "epoch_stats.csv",
+                                              out_dir / "plots" / "epoch_stats.png", title)
+            run.log_artifact(csv_path, "trace")
+            run.log_artifact(png, "plots")
+    except Exception as e:  # noqa: BLE001
+        print(f"extras: could not write the extra views: {e}", file=sys.stderr)
 
 
 def _plain(node, drop: tuple = ()) -> dict:
