@@ -22,7 +22,7 @@ _IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-_SOURCES = {
+SOURCES = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (or `keras.datasets.mnist` -> mnist.npz)",
     "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist#get-the-data",
 }
@@ -56,7 +56,7 @@ def load_idx_dir(name: str, path: str | Path) -> dict[str, np.ndarray]:
         if not found:
             raise DataFilesMissing(
                 f"data={name}: no {npz.name} and no {stem}[.gz] in {path.resolve()}. Download the four IDX "
-                f"files from {_SOURCES[name]} into that folder, or set data.path (or $GRADFLOW_DATA_DIR); "
+                f"files from {SOURCES[name]} into that folder, or set data.path (or $GRADFLOW_DATA_DIR); "
                 "data=digits runs offline with no files."
             )
         arrays[key] = read_idx(found[0])

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from src import registry
-from src.data import DATASETS
+from src.data import DATASETS, SOURCES
 from src.model import NORMS
 from src.tracking import redact, resolve_uri
 
@@ -83,8 +83,9 @@ def problems(cfg) -> list[str]:
     need(_number(d.get("val_fraction", 0)) and 0 <= d.get("val_fraction", 0) < 1, "data.val_fraction",
          "must be a number in [0, 1)", d.get("val_fraction"))
     if d["name"] in ("mnist", "fashion_mnist") and not Path(str(d["path"])).exists():
-        out.append(f"data.path={d['path']!r}: no such file or folder (put the {d['name']} IDX files or "
-                   f"{d['name']}.npz there, set data.path or $GRADFLOW_DATA_DIR, or use data=digits)")
+        out.append(f"data.path={d['path']!r}: no such file or folder (download the four {d['name']} IDX files "
+                   f"from {SOURCES[d['name']]} into it, or set data.path or $GRADFLOW_DATA_DIR; data=digits "
+                   "runs offline)")
 
     t = c["trainer"]
     need(_int(t["max_steps"]) and (t["max_steps"] == -1 or t["max_steps"] >= 1), "trainer.max_steps",
