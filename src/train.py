@@ -11,7 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from src import plots, tracking, validate
+from src import plots, tracking, validate, verdict
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
 from src.model import Classifier, Regressor, build_mlp
@@ -21,8 +21,9 @@ from src.weight_change import WeightChangeCallback
 GROUPS = ("data", "model", "activation", "init", "optimizer", "trainer", "stats", "tracking")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Seed, build, fit with statistics, track in MLflow; return the final run-level metrics."""
+def train(cfg: DictConfig) -> dict[str, float | str]:
+    """Seed, build, fit with statistics, track in MLflow; return the final run-level metrics (floats)
+    and the run's diagnosis under the key "verdict" (a str, one of src.verdict.VERDICTS)."""
     validate.check(cfg)  # before anything is built or any MLflow run exists
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ArrayDataModule(**_plain(cfg.data), seed=cfg.seed)
@@ -68,15 +69,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
             raise
         finally:
-            _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
-            _log_extras(run, cfg, out_dir, stats_cb, change_cb, trainer, run_name)
+            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
+            _log_extras(run, cfg, out_dir, trace, change_cb, trainer, run_name)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
-    return results
+        judged = verdict.diagnose(trace, logger.history, cfg.activation.name, verdict.from_config(_plain(cfg.verdict)))
+        run.writer.set_tags(judged.tags())
+        print(f"verdict: {judged.verdict}: {judged.reason}")
+    return {**results, "verdict": judged.verdict}
 
 
-def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> None:
+def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> dict | None:
+    """Upload config, trace and figures; return the trace as read back (None without statistics)."""
     hydra_dir = out_dir / ".hydra"
     if hydra_dir.is_dir():
         run.log_artifact(hydra_dir, "hydra")
@@ -84,20 +89,22 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> None:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         run.log_artifact(out_dir / "config.yaml", "hydra")
     trace_path = stats_cb.trace.close() if stats_cb and stats_cb.trace else None
+    trace = None
     if trace_path:
         run.log_artifact(trace_path, "trace")
+        trace = read_trace(trace_path)
     if cfg.tracking.plots:
         try:  # called from a `finally`: a figure that cannot be drawn must not hide the run's own error
-            trace = read_trace(trace_path) if trace_path else None
             paths = plots.draw_all(trace, history, out_dir / "plots", title)
         except Exception as e:  # noqa: BLE001
             print(f"plots: could not draw the figures: {e}", file=sys.stderr)
             paths = []
         for p in paths:
             run.log_artifact(p, "plots")
+    return trace
 
 
-def _log_extras(run, cfg, out_dir: Path, stats_cb, change_cb, trainer, title) -> None:
+def _log_extras(run, cfg, out_dir: Path, trace, change_cb, trainer, title) -> None:
     """The presets' extra views: per-epoch layer statistics (seed 003) and weight change (000, 004)."""
     try:  # called from a `finally`, like the figures
         if change_cb is not None and change_cb.write_csv():
@@ -105,10 +112,9 @@ def _log_extras(run, cfg, out_dir: Path, stats_cb, change_cb, trainer, title) ->
             if cfg.tracking.plots:
                 run.log_artifact(plots.weight_change(change_cb.steps, change_cb.mean_abs,
                                                      out_dir / "plots" / "weight_change.png", title), "plots")
-        trace_path = stats_cb.trace.path if stats_cb and stats_cb.trace else None
-        if cfg.tracking.get("epoch_stats") and trace_path and trace_path.exists():
+        if cfg.tracking.get("epoch_stats") and trace is not None and len(trace["steps"]):
             per_epoch = max(1, trainer.num_training_batches // cfg.trainer.accumulate_grad_batches)
-            csv_path, png = plots.epoch_stats(read_trace(trace_path), per_epoch, out_dir / "epoch_stats.csv",
+            csv_path, png = plots.epoch_stats(trace, per_epoch, out_dir / "epoch_stats.csv",
                                               out_dir / "plots" / "epoch_stats.png", title)
             run.log_artifact(csv_path, "trace")
             run.log_artifact(png, "plots")

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
-from src import registry
+from src import registry, verdict
 from src.data import DATASETS, SOURCES
 from src.model import NORMS
 from src.tracking import redact, resolve_uri
@@ -111,6 +111,7 @@ def problems(cfg) -> list[str]:
          "stats.saturation_threshold", "must be a number in (0, 1)", s["saturation_threshold"])
 
     need(_int(c["seed"]), "seed", "must be an integer", c["seed"])
+    out += verdict.problems(c.get("verdict", {}))
 
     uri = resolve_uri(c["tracking"]["uri"])
     scheme = urlparse(uri).scheme.split("+")[0]

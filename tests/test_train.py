@@ -16,7 +16,8 @@ def test_train_end_to_end(tracking_uri, compose_cfg):
                        "trainer.max_epochs=2"])
     metrics = train(cfg)
     assert set(metrics) >= {"train/loss", "train/acc", "val/loss", "val/acc"}
-    assert all(isinstance(v, float) for v in metrics.values())
+    assert all(isinstance(v, float) for k, v in metrics.items() if k != "verdict")
+    assert metrics["verdict"] in ("healthy", "converged", "vanishing", "saturated", "dead", "exploding")
 
     client, [run] = runs_of(tracking_uri)
     assert run.info.status == "FINISHED" and run.info.run_name == "tanh-he-d3"
