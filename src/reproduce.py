@@ -121,7 +121,7 @@ STUDIES: dict[str, Study] = {
         [("val/acc", last("val/acc")), ("train/acc (last 10 logs)", tail_mean("train/acc")),
          ("layer 0 mean |old−new|/lr", last("weight_change/total_over_lr/layer_00")),
          ("layer 0 median % change", last("weight_change/pct_median/layer_00")), VERDICT],
-        ["trainer.max_epochs=40"],
+        ["trainer.max_epochs=30"],
         seed_column=lambda r: {("sigmoid", "3"): "acc 0.81; |Δ|/lr 280…1100; 98…8700 %",
                                ("relu", "2"): "acc 1.0; |Δ|/lr 4…240; 1…170 %"}.get(
             (r["params"].get("activation"), r["params"].get("model.depth")), "(not in the seed)"),
@@ -132,7 +132,7 @@ STUDIES: dict[str, Study] = {
         "Gaussian weights make the sigmoid net slowest to leave chance; the scaled inits learn from the start.",
         [("test acc (final)", last("val/acc")), ("test acc (best)", best("val/acc")),
          ("first step test acc ≥ 0.5", first_step_above("val/acc", 0.5)), VERDICT],
-        ["trainer.max_steps=400"],
+        ["trainer.max_steps=300"],
         seed_column=lambda r: "seed cell" if (r["params"].get("activation"), r["params"].get("init")) in
         {("sigmoid", "small_normal"), ("relu", "small_normal"), ("sigmoid", "lecun"), ("relu", "he")} else "",
     ),
@@ -151,7 +151,7 @@ STUDIES: dict[str, Study] = {
         [("train/loss first", first("train/loss")), ("train/loss last", last("train/loss")),
          ("grad_norm first", first("grad_norm/layer_00")), ("grad_norm last", last("grad_norm/layer_00")),
          VERDICT, ("verdict_reason", tag("verdict_reason"))],
-        ["trainer.max_steps=600"],
+        ["trainer.max_steps=400"],
         seed_column=lambda r: "converging, not vanishing",
     ),
     "glorot_bengio": Study(
@@ -160,7 +160,7 @@ STUDIES: dict[str, Study] = {
         "standard init the back-propagated gradient shrinks towards the input; normalized (N) init keeps it level.",
         [("val error % (last 3 epochs)", lambda r: _val_err(r)), ("backprop_ratio at step 0", first("backprop_ratio")),
          ("top hidden layer act_saturation, step 0", lambda r: _top_hidden(r, "act_saturation")), VERDICT],
-        ["trainer.max_epochs=3", "model.width=128"],
+        ["trainer.max_epochs=2", "model.width=64"],
         seed_column=lambda r: {("softsign", "torch_default"): "1.64", ("softsign", "xavier"): "1.72",
                                ("tanh", "torch_default"): "1.76", ("tanh", "xavier"): "1.64",
                                ("sigmoid", "torch_default"): "2.21"}.get(
@@ -195,7 +195,7 @@ STUDIES: dict[str, Study] = {
         "without one: normalisation and skip connections keep the signal alive; clipping only bounds large "
         "gradients, so it cannot rescue a vanishing one; ReLU with He init removes the cause.",
         [("backprop_ratio at step 0", first("backprop_ratio")), ("val/acc (final)", last("val/acc")), VERDICT],
-        ["trainer.max_epochs=6"],
+        ["trainer.max_epochs=4"],
         checks=[("at least one cure lifts val/acc above the baseline's by 0.3",
                  lambda rs: max(last("val/acc")(r) for r in rs if r["params"].get("cure") != "none")
                  > last("val/acc")(_by(rs, cure="none")) + 0.3)],
@@ -247,14 +247,15 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> tuple[lis
             return cache[key]
         rows.append({"name": c.info.run_name, "params": c.data.params, "tags": c.data.tags,
                      "metrics": c.data.metrics, "history": history, "status": c.info.status})
-    return rows, wall, args[2:]
+    shown = ["python", "-m", "src.train", "-m", f"experiment={preset}", *(study.quick if quick else []), *extra]
+    return rows, wall, shown
 
 
 def markdown(preset: str, rows: list[Row], wall: float, command: list[str], quick: bool) -> str:
     study = STUDIES[preset]
     heads = ["run", *[h for h, _ in study.columns], "seed / paper"]
     lines = [f"### `{preset}`{' (quick)' if quick else ''}", "", f"**Seed / paper.** {study.reference}", "",
-             f"**Ours.** `python {' '.join(command)}` — {len(rows)} runs, {wall:.0f} s wall time "
+             f"**Ours.** `{' '.join(command)}` — {len(rows)} runs, {wall:.0f} s wall time "
              f"(2 shared CPU cores).", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["name"]]
