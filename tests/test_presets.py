@@ -102,3 +102,27 @@ def test_a_cure_rescues_the_deep_sigmoid_net(compose_cfg, tracking_uri):
     cured = train(compose_cfg(["experiment=cures", "cure=batch_norm", "trainer.max_epochs=4", *QUIET]))
     assert base["val/acc"] < 0.3, base
     assert cured["val/acc"] > base["val/acc"] + 0.3, (base, cured)
+
+
+@pytest.mark.slow
+def test_line_fit_ends_converged_not_vanishing(compose_cfg, tracking_uri):
+    """300 steps (the preset runs 2000): the gradient has shrunk by orders of magnitude, and the verdict
+    reads that as convergence, not a vanishing gradient (seed 002)."""
+    out = train(compose_cfg(["experiment=line_fit", "trainer.max_steps=300", *QUIET]))
+    assert out["verdict"] == "converged", out
+    client, [run] = runs_of(tracking_uri, "line_fit")
+    grads = [m.value for m in client.get_metric_history(run.info.run_id, "grad_norm/layer_00")]
+    assert grads[-1] < grads[0] / 100 and out["train/loss"] < 0.01
+
+
+@pytest.mark.slow
+def test_circles_sigmoid_vanishes_while_tanh_and_relu_learn(compose_cfg, tracking_uri):
+    """20 epochs (500 steps; the preset runs 100): the sigmoid net ends `vanishing` near chance, tanh and
+    ReLU are well above it and not vanishing."""
+    out = {a: train(compose_cfg(["experiment=circles_4x5", f"activation={a}", "trainer.max_epochs=20", *QUIET]))
+           for a in ("sigmoid", "tanh", "relu")}
+    assert out["sigmoid"]["verdict"] == "vanishing", out["sigmoid"]
+    assert out["sigmoid"]["val/acc"] < 0.7
+    for a in ("tanh", "relu"):
+        assert out[a]["verdict"] != "vanishing", out[a]
+        assert out[a]["val/acc"] > out["sigmoid"]["val/acc"] + 0.15, out
