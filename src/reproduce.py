@@ -253,7 +253,7 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> tuple[lis
 
 def markdown(preset: str, rows: list[Row], wall: float, command: list[str], quick: bool) -> str:
     study = STUDIES[preset]
-    heads = ["run", *[h for h, _ in study.columns], "seed / paper"]
+    heads = ["run", *[h.replace("|", "\\|") for h, _ in study.columns], "seed / paper"]
     lines = [f"### `{preset}`{' (quick)' if quick else ''}", "", f"**Seed / paper.** {study.reference}", "",
              f"**Ours.** `{' '.join(command)}` — {len(rows)} runs, {wall:.0f} s wall time "
              f"(2 shared CPU cores).", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
@@ -261,8 +261,8 @@ def markdown(preset: str, rows: list[Row], wall: float, command: list[str], quic
         cells = [r["name"]]
         for _, fn in study.columns:
             v = fn(r)
-            cells.append(_fmt(v) if isinstance(v, (int, float)) or v is None else str(v).replace("|", "/"))
-        cells.append(study.seed_column(r))
+            cells.append(_fmt(v) if isinstance(v, (int, float)) or v is None else str(v).replace("|", "\\|"))
+        cells.append(study.seed_column(r).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
     for text, check in study.checks:
         try:
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter runs (the step counts the tests use)")
     p.add_argument("--out", default="docs/results", help="folder for <preset>.md")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=digits")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides may follow --quick
     rows, wall, command = run_study(a.preset, a.quick, a.overrides, resolve_uri(None))
     text = markdown(a.preset, rows, wall, command, a.quick)
     out = Path(a.out) / f"{a.preset}{'.quick' if a.quick else ''}.md"
