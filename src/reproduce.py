@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from src.tracking import resolve_uri
 
+LOAD = float("nan")  # set by run_study
 Row = dict  # {"name", "params", "tags", "metrics", "history": callable(key) -> [(step, value)]}
 
 
@@ -228,8 +229,16 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> tuple[lis
     env = {"OMP_NUM_THREADS": "1", **os.environ, "MLFLOW_TRACKING_URI": uri}
     print("running:", " ".join(args[1:]), flush=True)
     t0 = time.monotonic()
-    subprocess.run(args, env=env, check=True)
+    job = subprocess.Popen(args, env=env)
+    load = []  # the machine's 1-minute load average while the study ran: timings on a shared machine need it
+    while job.poll() is None:
+        load.append(os.getloadavg()[0])
+        time.sleep(2)
+    if job.returncode:
+        raise subprocess.CalledProcessError(job.returncode, args)
     wall = time.monotonic() - t0
+    global LOAD
+    LOAD = sum(load) / max(1, len(load))
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(preset)
     parent = client.search_runs([exp.experiment_id], "tags.`gradflow.multirun` = 'true'",
@@ -256,7 +265,8 @@ def markdown(preset: str, rows: list[Row], wall: float, command: list[str], quic
     heads = ["run", *[h.replace("|", "\\|") for h, _ in study.columns], "seed / paper"]
     lines = [f"### `{preset}`{' (quick)' if quick else ''}", "", f"**Seed / paper.** {study.reference}", "",
              f"**Ours.** `{' '.join(command)}` — {len(rows)} runs, {wall:.0f} s wall time "
-             f"(2 shared CPU cores).", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+             f"(2 CPU cores shared with other work: mean load average {LOAD:.1f}, so timings are inflated "
+             f"about {max(1.0, LOAD / 2):.0f}x).", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["name"]]
         for _, fn in study.columns:
