@@ -265,8 +265,8 @@ def markdown(preset: str, rows: list[Row], wall: float, command: list[str], quic
     heads = ["run", *[h.replace("|", "\\|") for h, _ in study.columns], "seed / paper"]
     lines = [f"### `{preset}`{' (quick)' if quick else ''}", "", f"**Seed / paper.** {study.reference}", "",
              f"**Ours.** `{' '.join(command)}` — {len(rows)} runs, {wall:.0f} s wall time "
-             f"(2 CPU cores shared with other work: mean load average {LOAD:.1f}, so timings are inflated "
-             f"about {max(1.0, LOAD / 2):.0f}x).", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+             f"on 2 CPU cores shared with other work (mean load average {LOAD:.1f} while it ran; above 2, "
+             f"the wall time is inflated by the other work).", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["name"]]
         for _, fn in study.columns:
