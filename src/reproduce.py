@@ -227,8 +227,12 @@ def _top_hidden(r: Row, stat: str) -> float | None:
     return h[len(h) // 2] if h else None
 
 
-def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> tuple[list[Row], float, list[str]]:
+def run_study(preset: str, quick: bool, extra: list[str], uri: str,
+              reread: bool = False) -> tuple[list[Row], float, list[str]]:
+    """Run the study (or, with `reread`, take its latest multirun from MLflow) and read the children back."""
     study = STUDIES[preset]
+    if reread:
+        return read_study(preset, uri, None)
     sweep_dir = tempfile.mkdtemp(prefix=f"gradflow-{preset}-")
     args = [sys.executable, "-m", "src.train", "-m", f"experiment={preset}", "trainer.enable_progress_bar=false",
             f"hydra.sweep.dir={sweep_dir}", *(study.quick if quick else []), *extra]
@@ -236,7 +240,6 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> tuple[lis
     # shared machine extra threads spin waiting for cores (measured: 2 threads took 1.9x as long as 1)
     env = {"OMP_NUM_THREADS": "1", **os.environ, "MLFLOW_TRACKING_URI": uri}
     print("running:", " ".join(args[1:]), flush=True)
-    t0 = time.monotonic()
     job = subprocess.Popen(args, env=env)
     load = []  # the machine's 1-minute load average while the study ran: timings on a shared machine need it
     while job.poll() is None:
@@ -244,9 +247,13 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> tuple[lis
         time.sleep(2)
     if job.returncode:
         raise subprocess.CalledProcessError(job.returncode, args)
-    wall = time.monotonic() - t0
     global LOAD
     LOAD = sum(load) / max(1, len(load))
+    shown = ["python", "-m", "src.train", "-m", f"experiment={preset}", *(study.quick if quick else []), *extra]
+    return read_study(preset, uri, shown)
+
+
+def read_study(preset: str, uri: str, shown: list[str] | None) -> tuple[list[Row], float, list[str]]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(preset)
     parent = client.search_runs([exp.experiment_id], "tags.`gradflow.multirun` = 'true'",
@@ -264,7 +271,9 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> tuple[lis
             return cache[key]
         rows.append({"name": c.info.run_name, "params": c.data.params, "tags": c.data.tags,
                      "metrics": c.data.metrics, "history": history, "status": c.info.status})
-    shown = ["python", "-m", "src.train", "-m", f"experiment={preset}", *(study.quick if quick else []), *extra]
+    wall = (parent.info.end_time - parent.info.start_time) / 1000 if parent.info.end_time else float("nan")
+    if shown is None:  # re-read: the command as the parent run recorded it
+        shown = ["python", "-m", "src.train", "-m", parent.data.tags.get("gradflow.overrides", "")]
     return rows, wall, shown
 
 
@@ -273,8 +282,8 @@ def markdown(preset: str, rows: list[Row], wall: float, command: list[str], quic
     heads = ["run", *[h.replace("|", "\\|") for h, _ in study.columns], "seed / paper"]
     lines = [f"### `{preset}`{' (quick)' if quick else ''}", "", f"**Seed / paper.** {study.reference}", "",
              f"**Ours.** `{' '.join(command)}` — {len(rows)} runs, {wall:.0f} s wall time "
-             f"on 2 CPU cores shared with other work (mean load average {LOAD:.1f} while it ran; above 2, "
-             f"the wall time is inflated by the other work).", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+             f"on 2 CPU cores shared with other work" + (f" (mean load average {LOAD:.1f} while it ran; above 2, "
+             f"the wall time is inflated by the other work)" if not math.isnan(LOAD) else "") + ".", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [r["name"]]
         for _, fn in study.columns:
@@ -318,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("preset", choices=sorted(STUDIES))
     p.add_argument("--quick", action="store_true", help="shorter runs (the step counts the tests use)")
     p.add_argument("--out", default="docs/results", help="folder for <preset>.md")
+    p.add_argument("--reread", action="store_true",
+                   help="run nothing: tabulate the preset's latest multirun in the tracking store")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=digits")
     a = p.parse_intermixed_args(argv)  # overrides may follow --quick
-    rows, wall, command = run_study(a.preset, a.quick, a.overrides, resolve_uri(None))
+    rows, wall, command = run_study(a.preset, a.quick, a.overrides, resolve_uri(None), a.reread)
     text = markdown(a.preset, rows, wall, command, a.quick)
     out = Path(a.out) / f"{a.preset}{'.quick' if a.quick else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
