@@ -232,7 +232,7 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str,
     """Run the study (or, with `reread`, take its latest multirun from MLflow) and read the children back."""
     study = STUDIES[preset]
     if reread:
-        return read_study(preset, uri, None)
+        return read_study(preset, uri, None, must_have=study.quick if quick else [])
     sweep_dir = tempfile.mkdtemp(prefix=f"gradflow-{preset}-")
     args = [sys.executable, "-m", "src.train", "-m", f"experiment={preset}", "trainer.enable_progress_bar=false",
             f"hydra.sweep.dir={sweep_dir}", *(study.quick if quick else []), *extra]
@@ -253,11 +253,14 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str,
     return read_study(preset, uri, shown)
 
 
-def read_study(preset: str, uri: str, shown: list[str] | None) -> tuple[list[Row], float, list[str]]:
+def read_study(preset: str, uri: str, shown: list[str] | None,
+               must_have: list[str] = ()) -> tuple[list[Row], float, list[str]]:
+    """The latest multirun of the preset (whose overrides include `must_have`) and its child runs."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(preset)
-    parent = client.search_runs([exp.experiment_id], "tags.`gradflow.multirun` = 'true'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    parents = client.search_runs([exp.experiment_id], "tags.`gradflow.multirun` = 'true'",
+                                 order_by=["attributes.start_time DESC"])
+    parent = next(p for p in parents if set(must_have) <= set(p.data.tags.get("gradflow.overrides", "").split()))
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   order_by=["attributes.start_time ASC"])
     rows = []
