@@ -284,7 +284,7 @@ def markdown(preset: str, rows: list[Row], wall: float, command: list[str], quic
     study = STUDIES[preset]
     heads = ["run", *[h.replace("|", "\\|") for h, _ in study.columns], "seed / paper"]
     lines = [f"### `{preset}`{' (quick)' if quick else ''}", "", f"**Seed / paper.** {study.reference}", "",
-             f"**Ours.** `{' '.join(command)}` — {len(rows)} runs, {wall:.0f} s wall time "
+             f"**Ours.** `{' '.join(command)}` — {len(rows)} run{'s' if len(rows) != 1 else ''}, {wall:.0f} s wall time "
              f"on 2 CPU cores shared with other work" + (f" (mean load average {LOAD:.1f} while it ran; above 2, "
              f"the wall time is inflated by the other work)" if not math.isnan(LOAD) else "") + ".", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
