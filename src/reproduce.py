@@ -113,7 +113,8 @@ STUDIES: dict[str, Study] = {
         "Seed 003 (Keras, 100 epochs): train accuracy sigmoid 0.652, tanh 0.994, relu 0.995; weight-gradient "
         "std per layer ≈1e-2…1e-3 for sigmoid, ≈1e-1…1e-2 for tanh.",
         [("val/acc (last 3 epochs)", tail_mean("val/acc", 3)), ("train/acc (last 10 logs)", tail_mean("train/acc")),
-         ("grad_std per hidden layer (median over training)", layer_range("grad_std")), VERDICT],
+         ("grad_std per hidden layer (median over training)", layer_range("grad_std")), VERDICT,
+         ("verdict_reason", tag("verdict_reason"))],
         ["trainer.max_epochs=30"],
         seed_column=lambda r: {"sigmoid": "acc 0.652; grad std 1e-2…1e-3", "tanh": "acc 0.994; grad std 1e-1…1e-2",
                                "relu": "acc 0.995"}.get(r["params"].get("activation"), ""),
@@ -250,17 +251,22 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str,
     global LOAD
     LOAD = sum(load) / max(1, len(load))
     shown = ["python", "-m", "src.train", "-m", f"experiment={preset}", *(study.quick if quick else []), *extra]
-    return read_study(preset, uri, shown)
+    return read_study(preset, uri, shown, record_load=True)
 
 
-def read_study(preset: str, uri: str, shown: list[str] | None,
-               must_have: list[str] = ()) -> tuple[list[Row], float, list[str]]:
+def read_study(preset: str, uri: str, shown: list[str] | None, must_have: list[str] = (),
+               record_load: bool = False) -> tuple[list[Row], float, list[str]]:
     """The latest multirun of the preset (whose overrides include `must_have`) and its child runs."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(preset)
     parents = client.search_runs([exp.experiment_id], "tags.`gradflow.multirun` = 'true'",
                                  order_by=["attributes.start_time DESC"])
     parent = next(p for p in parents if set(must_have) <= set(p.data.tags.get("gradflow.overrides", "").split()))
+    global LOAD
+    if record_load:  # kept with the runs, so a later --reread can still state it
+        client.set_tag(parent.info.run_id, "gradflow.load_average", f"{LOAD:.2f}")
+    else:
+        LOAD = float(parent.data.tags.get("gradflow.load_average", "nan"))
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   order_by=["attributes.start_time ASC"])
     rows = []
