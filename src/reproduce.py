@@ -282,7 +282,8 @@ def read_study(preset: str, uri: str, shown: list[str] | None, must_have: list[s
                      "metrics": c.data.metrics, "history": history, "status": c.info.status})
     wall = (parent.info.end_time - parent.info.start_time) / 1000 if parent.info.end_time else float("nan")
     if shown is None:  # re-read: the command as the parent run recorded it
-        shown = ["python", "-m", "src.train", "-m", parent.data.tags.get("gradflow.overrides", "")]
+        shown = ["python", "-m", "src.train", "-m", *(o for o in parent.data.tags.get("gradflow.overrides", "").split()
+                                                      if o != "trainer.enable_progress_bar=false")]
     return rows, wall, shown
 
 
