@@ -151,6 +151,7 @@ STUDIES: dict[str, Study] = {
          ("mean |ΔW| layer 0 / last (median)", lambda r: _ratio_of_medians(r)), VERDICT,
          ("verdict_reason", tag("verdict_reason"))],
         ["trainer.max_epochs=8"],
+        seed_column=lambda r: "error ≈0.9 for ~6000 steps, escape, ≈0.03 at the end",
     ),
     "line_fit": Study(
         "Seed 002: a 1→1 tanh unit fitting y = 2x; the gradient shrinks as the fit converges. The answer: "
