@@ -235,7 +235,8 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str,
     """Run the study (or, with `reread`, take its latest multirun from MLflow) and read the children back."""
     study = STUDIES[preset]
     if reread:
-        return read_study(preset, uri, None, must_have=study.quick if quick else [])
+        return read_study(preset, uri, None, must_have=study.quick if quick else [],
+                          must_lack=[] if quick else study.quick)
     sweep_dir = tempfile.mkdtemp(prefix=f"gradflow-{preset}-")
     args = [sys.executable, "-m", "src.train", "-m", f"experiment={preset}", "trainer.enable_progress_bar=false",
             f"hydra.sweep.dir={sweep_dir}", *(study.quick if quick else []), *extra]
@@ -257,13 +258,16 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str,
 
 
 def read_study(preset: str, uri: str, shown: list[str] | None, must_have: list[str] = (),
-               record_load: bool = False) -> tuple[list[Row], float, list[str]]:
-    """The latest multirun of the preset (whose overrides include `must_have`) and its child runs."""
+               must_lack: list[str] = (), record_load: bool = False) -> tuple[list[Row], float, list[str]]:
+    """The latest multirun of the preset (with all of `must_have` and not all of `must_lack` among its
+    overrides) and its child runs."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(preset)
     parents = client.search_runs([exp.experiment_id], "tags.`gradflow.multirun` = 'true'",
                                  order_by=["attributes.start_time DESC"])
-    parent = next(p for p in parents if set(must_have) <= set(p.data.tags.get("gradflow.overrides", "").split()))
+    def given(p) -> set[str]:
+        return set(p.data.tags.get("gradflow.overrides", "").split())
+    parent = next(p for p in parents if set(must_have) <= given(p) and not (must_lack and set(must_lack) <= given(p)))
     global LOAD
     if record_load:  # kept with the runs, so a later --reread can still state it
         client.set_tag(parent.info.run_id, "gradflow.load_average", f"{LOAD:.2f}")
