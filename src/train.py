@@ -114,10 +114,10 @@ def _log_extras(run, cfg, out_dir: Path, trace, change_cb, trainer, title) -> No
                                                      out_dir / "plots" / "weight_change.png", title), "plots")
         if cfg.tracking.get("epoch_stats") and trace is not None and len(trace["steps"]):
             per_epoch = max(1, trainer.num_training_batches // cfg.trainer.accumulate_grad_batches)
-            csv_path, png = plots.epoch_stats(trace, per_epoch, out_dir / "epoch_stats.csv",
-                                              out_dir / "plots" / "epoch_stats.png", title)
-            run.log_artifact(csv_path, "trace")
-            run.log_artifact(png, "plots")
+            paths = plots.epoch_stats(trace, per_epoch, out_dir / "epoch_stats.csv",
+                                      out_dir / "plots" / "epoch_stats.png" if cfg.tracking.plots else None, title)
+            for path, where in zip(paths, ("trace", "plots")):
+                run.log_artifact(path, where)
     except Exception as e:  # noqa: BLE001
         print(f"extras: could not write the extra views: {e}", file=sys.stderr)
 
