@@ -68,7 +68,60 @@ def training_curves(history: dict[str, list[tuple[int, float]]], path: Path, tit
     return _save(fig, path, title)
 
 
-def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str) -> list[Path]:
+def theory_overlay(chi1: list[float], trace: dict, path: Path, title: str = "") -> Path:
+    """Mean-field chi1 per hidden layer next to the measured (||dL/ds_l|| / ||dL/ds_l+1||)^2 at step 0, and
+    the signal each layer receives relative to the output layer, predicted (product of sqrt chi1) and measured."""
+    bp = trace["backprop_norm"][0].astype(np.float64)
+    layers = np.arange(len(chi1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        measured = (bp[:-1] / bp[1:]) ** 2
+        rel = bp / bp[-1]
+    predicted_rel = np.append(np.cumprod(np.sqrt(chi1)[::-1])[::-1], 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(layers, chi1, "o-", label="theory chi1 (mean field)")
+    axes[0].plot(layers, measured, "s--", label="measured, step 0")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set(xlabel="hidden layer l", yscale="log", title="per-layer factor ||dL/ds_l||^2 / ||dL/ds_l+1||^2")
+    axes[1].plot(np.arange(len(bp)), predicted_rel, "o-", label="theory")
+    axes[1].plot(np.arange(len(bp)), rel, "s--", label="measured, step 0")
+    axes[1].set(xlabel="layer (output last)", yscale="log", title="signal relative to the output layer")
+    for ax in axes:
+        ax.legend()
+    return _save(fig, path, title)
+
+
+HISTOGRAM_TITLES = {"grad": "weight gradient dL/dW", "backprop": "back-propagated signal dL/ds",
+                    "act": "activation output"}
+
+
+def histogram_heatmap(hist: dict, quantity: str, path: Path, title: str = "") -> Path:
+    """One panel per layer (input layer at the bottom): the fraction of the layer's entries in each log10|x|
+    bin (rows) at each recorded step (columns); exact zeros and NaN/Inf are counted apart, in the panel title."""
+    h, edges = hist[quantity], hist["edges"]
+    steps, layers = h["steps"], h["layers"]
+    total = h["counts"].sum(axis=2) + h["zeros"] + h["nonfinite"]  # [T, L]
+    frac = h["counts"] / np.maximum(total, 1)[..., None]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(9, 1.3 * len(layers) + 1), sharex=True, squeeze=False)
+    for row, j in enumerate(layers[::-1]):
+        ax, k = axes[row][0], len(layers) - 1 - row
+        im = ax.imshow(frac[:, k, :].T, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
+                       vmin=0, vmax=1, extent=(steps[0] - 0.5, steps[-1] + 0.5, edges[0], edges[-1]))
+        zeros = h["zeros"][:, k].sum() / max(total[:, k].sum(), 1)
+        nonfinite = int(h["nonfinite"][:, k].sum())
+        ax.set_ylabel(f"layer {j:02d}", fontsize=8)
+        ax.text(1.01, 0.5, f"zeros {zeros:.0%}\nNaN/Inf {nonfinite}", transform=ax.transAxes, fontsize=7, va="center")
+    axes[-1][0].set_xlabel("step")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="fraction of entries per bin", pad=0.12)
+    fig.suptitle(f"{title}: log10|{HISTOGRAM_TITLES[quantity]}|" if title else f"log10|{HISTOGRAM_TITLES[quantity]}|")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str, chi1: list[float] | None = None,
+             hist: dict | None = None) -> list[Path]:
+    """All figures of a run; `chi1` (the mean-field prediction per hidden layer) adds theory.png, `hist`
+    (src.histograms.read_histograms) one hist_<quantity>.png per quantity."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [training_curves(history, out_dir / "curves.png", title)]
     if trace is not None and len(trace["steps"]):
@@ -77,6 +130,11 @@ def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str) -> li
             layer_curves(trace, out_dir / "layer_norms.png", ("grad_norm", "backprop_norm"), True, title),
             layer_curves(trace, out_dir / "saturation.png", ("act_saturation",), False, title),
         ]
+        if chi1 is not None and trace["steps"][0] == 0:
+            paths.append(theory_overlay(chi1, trace, out_dir / "theory.png", title))
+    for q in ("grad", "backprop", "act"):
+        if hist is not None and q in hist:
+            paths.append(histogram_heatmap(hist, q, out_dir / f"hist_{q}.png", title))
     return paths
 
 

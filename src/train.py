@@ -11,7 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from src import plots, tracking, validate, verdict
+from src import histograms, plots, theory, tracking, validate, verdict
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
 from src.model import Classifier, Regressor, build_mlp
@@ -38,6 +38,8 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     )
     task = Regressor if data.task == "regression" else Classifier
     module = task(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
+    prediction = theory.predict(net, data.train_set.tensors[0], cfg.activation.name,
+                                _plain(cfg.activation, drop=("name",))) if widths else None  # at init
 
     out_dir = _output_dir()
     choices = _choices(cfg)
@@ -60,6 +62,10 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
             change_cb = WeightChangeCallback(cfg.stats.every_n_steps, cfg.stats.log_every_n_steps,
                                              csv_path=out_dir / "weight_change.csv")
             callbacks.append(change_cb)
+        hist_cb = None
+        if cfg.stats.enabled and cfg.stats.get("histogram_every_n_steps", 0):
+            hist_cb = histograms.HistogramCallback(cfg.stats.histogram_every_n_steps, out_dir / "histograms.parquet")
+            callbacks.append(hist_cb)
         trainer = L.Trainer(**_plain(cfg.trainer), logger=logger, callbacks=callbacks,
                             default_root_dir=str(out_dir))
         try:
@@ -69,18 +75,21 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
                 raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
             raise
         finally:
-            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name)
+            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name,
+                                   prediction.chi1 if prediction else None, hist_cb)
             _log_extras(run, cfg, out_dir, trace, change_cb, trainer, run_name)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+        if prediction is not None:  # mean-field theory needs a hidden layer (line_fit has none)
+            run.writer.log_metrics(theory.metrics(prediction, trace), 0)
         judged = verdict.diagnose(trace, logger.history, cfg.activation.name, verdict.from_config(_plain(cfg.verdict)))
         run.writer.set_tags(judged.tags())
         print(f"verdict: {judged.verdict}: {judged.reason}")
     return {**results, "verdict": judged.verdict}
 
 
-def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> dict | None:
+def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title, chi1=None, hist_cb=None) -> dict | None:
     """Upload config, trace and figures; return the trace as read back (None without statistics)."""
     hydra_dir = out_dir / ".hydra"
     if hydra_dir.is_dir():
@@ -93,9 +102,13 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title) -> dict | 
     if trace_path:
         run.log_artifact(trace_path, "trace")
         trace = read_trace(trace_path)
+    hist_path = hist_cb.close() if hist_cb else None
+    if hist_path:
+        run.log_artifact(hist_path, "trace")
     if cfg.tracking.plots:
         try:  # called from a `finally`: a figure that cannot be drawn must not hide the run's own error
-            paths = plots.draw_all(trace, history, out_dir / "plots", title)
+            paths = plots.draw_all(trace, history, out_dir / "plots", title, chi1,
+                                   histograms.read_histograms(hist_path) if hist_path else None)
         except Exception as e:  # noqa: BLE001
             print(f"plots: could not draw the figures: {e}", file=sys.stderr)
             paths = []

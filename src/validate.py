@@ -107,6 +107,8 @@ def problems(cfg) -> list[str]:
     if _int(s["every_n_steps"]) and _int(s["log_every_n_steps"]) and s["every_n_steps"] >= 1:
         need(s["log_every_n_steps"] % s["every_n_steps"] == 0, "stats.log_every_n_steps",
              f"must be a multiple of stats.every_n_steps ({s['every_n_steps']})", s["log_every_n_steps"])
+    hist = s.get("histogram_every_n_steps", 0)
+    need(_int(hist) and hist >= 0, "stats.histogram_every_n_steps", "must be an integer >= 0 (0: off)", hist)
     need(_number(s["saturation_threshold"]) and 0 < s["saturation_threshold"] < 1,
          "stats.saturation_threshold", "must be a number in (0, 1)", s["saturation_threshold"])
 

@@ -1,0 +1,89 @@
+"""Gradient check: passes on every registry activation, fails on a wrong backward, skips kinks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from src import gradcheck, registry
+from src.data import ArrayDataModule
+from src.model import build_mlp
+
+INIT_FOR = {"relu": "kaiming_normal", "leaky_relu": "kaiming_normal", "selu": "lecun_normal"}
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    x, y = ArrayDataModule("digits", 32, seed=0).train_set.tensors
+    return x[:16], y[:16]
+
+
+@pytest.mark.parametrize("activation", sorted(registry.ACTIVATIONS))
+def test_passes_for_every_activation(activation, digits_batch):
+    torch.manual_seed(0)
+    net = build_mlp(64, 10, [24, 24, 24], activation, INIT_FOR.get(activation, "xavier_uniform"))
+    rows = gradcheck.check(net, *digits_batch, samples=15)
+    assert len(rows) == 8 and all(r.checked + r.skipped == min(15, r_numel) for r, r_numel in
+                                  zip(rows, [64 * 24, 24, 24 * 24, 24, 24 * 24, 24, 24 * 10, 10]))
+    worst = max(r.max_rel_error for r in rows)
+    assert worst <= 1e-6, gradcheck.table(rows, 1e-6)
+    assert all(r.max_abs_grad > 0 for r in rows)
+
+
+class WrongSigmoid(torch.autograd.Function):
+    """sigmoid with a backward 10% too large: the kind of bug a gradient check exists for."""
+
+    @staticmethod
+    def forward(ctx, s):
+        p = torch.sigmoid(s)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return g * p * (1 - p) * 1.1
+
+
+class WrongAct(nn.Module):
+    def forward(self, s):
+        return WrongSigmoid.apply(s)
+
+
+def test_fails_on_a_wrong_backward(digits_batch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16), WrongAct(), nn.Linear(16, 10))
+    rows = gradcheck.check(net, *digits_batch, samples=10)
+    by = {(r.layer, r.param): r.max_rel_error for r in rows}
+    assert by[(0, "weight")] > 1e-2 and by[(0, "bias")] > 1e-2  # the layer below the bad backward: wrong
+    assert by[(1, "weight")] < 1e-6  # the layer above it is untouched
+    assert gradcheck.exit_code(rows, 1e-6) == 1
+    # torch's own gradcheck agrees on both counts
+    x, y = digits_batch
+    entries = torch.arange(5)
+    assert not gradcheck.torch_check(net, x, y, 0, entries)
+    torch.manual_seed(0)
+    good = nn.Sequential(nn.Linear(64, 16), nn.Sigmoid(), nn.Linear(16, 10))
+    assert gradcheck.torch_check(good, x, y, 0, entries)
+    assert gradcheck.exit_code(gradcheck.check(good, x, y, samples=10), 1e-6) == 0
+
+
+def test_entries_whose_perturbation_crosses_a_relu_kink_are_skipped():
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+        net[0].bias.zero_()
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.5]])  # unit 0 of sample 0 sits exactly at s=0 for every weight
+    rows = gradcheck.check(net, x, torch.tensor([0, 1]), samples=10)
+    first = [r for r in rows if r.layer == 0]
+    assert sum(r.skipped for r in first) >= 1
+    assert max(r.max_rel_error for r in rows) <= 1e-6
+    assert gradcheck.kinked(registry.ACTIVATIONS["relu"]) and not gradcheck.kinked(registry.ACTIVATIONS["tanh"])
+
+
+def test_cli_passes_on_a_configured_model_and_rejects_bad_config(capsys):
+    assert gradcheck.main(["activation=tanh", "model.depth=3", "model.width=16", "gradcheck.samples=5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 10 and "PASS: max relative error" in out  # header + 8 rows + summary
+    assert gradcheck.main(["model.depth=0"]) == 2
+    assert "model.depth=0: must be an integer >= 1" in capsys.readouterr().err
