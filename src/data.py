@@ -13,7 +13,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
 
-DATASETS = ("digits", "moons", "circles", "mnist", "fashion_mnist")
+DATASETS = ("digits", "moons", "circles", "mnist", "fashion_mnist", "line")
+REGRESSION = ("line",)  # real-valued targets: trained with MSE, out_dim 1
 
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -21,7 +22,7 @@ _IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-_SOURCES = {
+SOURCES = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (or `keras.datasets.mnist` -> mnist.npz)",
     "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist#get-the-data",
 }
@@ -55,7 +56,7 @@ def load_idx_dir(name: str, path: str | Path) -> dict[str, np.ndarray]:
         if not found:
             raise DataFilesMissing(
                 f"data={name}: no {npz.name} and no {stem}[.gz] in {path.resolve()}. Download the four IDX "
-                f"files from {_SOURCES[name]} into that folder, or set data.path (or $GRADFLOW_DATA_DIR); "
+                f"files from {SOURCES[name]} into that folder, or set data.path (or $GRADFLOW_DATA_DIR); "
                 "data=digits runs offline with no files."
             )
         arrays[key] = read_idx(found[0])
@@ -81,16 +82,22 @@ def load_arrays(name: str, seed: int, **opts) -> tuple[np.ndarray, np.ndarray, n
                 n_samples=int(opts["n_samples"]), noise=float(opts["noise"]),
                 factor=float(opts["factor"]), random_state=seed,
             )
+        elif name == "line":  # seed 002: y = slope * x on n evenly spaced points; validation = the same points
+            x = np.linspace(0.025, 0.025 * int(opts["n_samples"]), int(opts["n_samples"]))[:, None]
+            y = float(opts["slope"]) * x
         else:
             raise ValueError(f"unknown data {name!r}; valid: {', '.join(DATASETS)}")
-        x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
+        if name in REGRESSION:
+            x_tr, x_va, y_tr, y_va = x, x, y, y
+        else:
+            x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
     if opts.get("standardize"):
         # StandardScaler leaves zero-variance features unscaled (digits has always-blank pixels in training
         # that are not blank in validation: dividing by a tiny std would turn them into huge inputs)
         scaler = StandardScaler().fit(x_tr)
         x_tr, x_va = scaler.transform(x_tr), scaler.transform(x_va)
-    f32, i64 = np.float32, np.int64
-    return x_tr.astype(f32), y_tr.astype(i64), x_va.astype(f32), y_va.astype(i64)
+    f32, label = np.float32, (np.float32 if name in REGRESSION else np.int64)
+    return x_tr.astype(f32), y_tr.astype(label), x_va.astype(f32), y_va.astype(label)
 
 
 class ArrayDataModule(L.LightningDataModule):
@@ -103,7 +110,9 @@ class ArrayDataModule(L.LightningDataModule):
         self.train_set = TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
         self.val_set = TensorDataset(torch.from_numpy(x_va), torch.from_numpy(y_va))
         self.in_dim = x_tr.shape[1]
-        self.n_classes = int(max(y_tr.max(), y_va.max())) + 1
+        self.task = "regression" if name in REGRESSION else "classification"
+        # outputs of the net: one per class, or one per target column for regression
+        self.n_classes = y_tr.shape[1] if self.task == "regression" else int(max(y_tr.max(), y_va.max())) + 1
         self.seed = seed
 
     def train_dataloader(self):

@@ -1,4 +1,4 @@
-"""The MLP and the LightningModule that trains it. Plain typed arguments only: no config objects here."""
+"""The MLP and the LightningModules that train it. Plain typed arguments only: no config objects here."""
 from __future__ import annotations
 
 import lightning as L
@@ -7,6 +7,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from src import registry
+
+NORMS = ("none", "batch", "layer")
+
+
+class Residual(nn.Module):
+    """x + body(x): a skip connection around one hidden block (only where input and output widths match)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _norm(kind: str, width: int) -> list[nn.Module]:
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
+    return {"none": [], "batch": [nn.BatchNorm1d(width)], "layer": [nn.LayerNorm(width)]}[kind]
 
 
 def build_mlp(
@@ -17,22 +36,42 @@ def build_mlp(
     init: str,
     activation_params: dict | None = None,
     init_params: dict | None = None,
+    norm: str = "none",
+    residual: bool = False,
+    head_activation: str | None = None,
 ) -> nn.Sequential:
-    """Linear -> activation blocks for each hidden width, then a Linear head (logits)."""
-    if not widths or any(int(w) <= 0 for w in widths):
+    """One hidden block per width, then a Linear head (logits, or `head_activation` of them).
+
+    A hidden block is Linear -> norm -> activation: the norm (BatchNorm1d or LayerNorm, `norm`) acts on
+    the pre-activation, where Ioffe & Szegedy put it, so it keeps sigmoid/tanh inputs out of saturation.
+    With `residual`, a block whose input and output widths are equal computes x + block(x); a block that
+    changes the width (always the first, from the input) has no skip, as there is nothing of its size to
+    add. `widths=[]` is a net with no hidden layer (a linear or, with `head_activation`, a GLM-like model).
+    """
+    if any(int(w) <= 0 for w in widths):
         raise ValueError(f"hidden widths must be positive integers, got {widths}")
     fill = registry.init_fn(init, **(init_params or {}))
     registry.activation(activation, **(activation_params or {}))  # fail before building anything
+    if head_activation is not None:
+        registry.activation(head_activation)
+    _norm(norm, 1)
     layers: list[nn.Module] = []
     sizes = [in_dim, *widths]
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(fan_in, fan_out), registry.activation(activation, **(activation_params or {}))]
+        block = [nn.Linear(fan_in, fan_out), *_norm(norm, fan_out),
+                 registry.activation(activation, **(activation_params or {}))]
+        if residual and fan_in == fan_out:
+            layers.append(Residual(nn.Sequential(*block)))
+        else:
+            layers += block
     layers.append(nn.Linear(sizes[-1], out_dim))
+    if head_activation is not None:
+        layers.append(registry.activation(head_activation))
     if init != "torch_default":
-        for layer in layers:
-            if isinstance(layer, nn.Linear):
-                fill(layer.weight)
-                nn.init.zeros_(layer.bias)
+        for module in nn.Sequential(*layers).modules():
+            if isinstance(module, nn.Linear):
+                fill(module.weight)
+                nn.init.zeros_(module.bias)
     return nn.Sequential(*layers)
 
 
@@ -48,13 +87,14 @@ class Classifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": F.cross_entropy(out, y), "acc": (out.argmax(dim=1) == y).float().mean()}
+
     def _step(self, batch, prefix: str, **log_kwargs) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(dim=1) == y).float().mean()
-        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/acc": acc}, **log_kwargs)
-        return loss
+        metrics = self._metrics(self(x), y)
+        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, **log_kwargs)
+        return metrics["loss"]
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train", on_step=True, on_epoch=False, prog_bar=True)
@@ -64,3 +104,10 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         return registry.optimizer(self.optimizer_name, self.parameters(), **self.optimizer_params)
+
+
+class Regressor(Classifier):
+    """Mean squared error on real-valued targets (train/loss, val/loss; no accuracy)."""
+
+    def _metrics(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": F.mse_loss(out, y.view_as(out))}

@@ -136,3 +136,54 @@ def draw_all(trace: dict | None, history: dict, out_dir: Path, title: str, chi1:
         if hist is not None and q in hist:
             paths.append(histogram_heatmap(hist, q, out_dir / f"hist_{q}.png", title))
     return paths
+
+
+EPOCH_STATS = ("weight_mean", "weight_std", "grad_mean", "grad_std")
+
+
+def epoch_stats(trace: dict, steps_per_epoch: int, csv_path: Path, png_path: Path | None = None,
+                title: str = "") -> list[Path]:
+    """Seed 003's per-epoch view from the dense trace: each layer's weight mean/std at the end of each
+    epoch and weight-gradient mean/std at the first step of each epoch (where the seed samples them).
+    Writes the CSV, and the figure too when png_path is given."""
+    steps = trace["steps"]
+    epoch = steps // max(1, steps_per_epoch)
+    epochs = np.unique(epoch)
+    first = np.searchsorted(epoch, epochs, side="left")
+    last = np.searchsorted(epoch, epochs, side="right") - 1
+    n_layers = trace["weight_mean"].shape[1]
+    rows = []
+    for e, f, l in zip(epochs, first, last):
+        for layer in range(n_layers):
+            rows.append([int(e), layer] + [float(trace[s][l if s.startswith("weight") else f, layer])
+                                           for s in EPOCH_STATS])
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w") as f:
+        f.write("epoch,layer," + ",".join(EPOCH_STATS) + "\n")
+        f.writelines(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) + "\n" for r in rows)
+    if png_path is None:
+        return [csv_path]
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    table = np.array([r[2:] for r in rows]).reshape(len(epochs), n_layers, len(EPOCH_STATS))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, j, stat in zip(axes.flat, range(len(EPOCH_STATS)), EPOCH_STATS):
+        for layer, color in zip(range(n_layers), _layer_colors(n_layers)):
+            ax.plot(epochs, np.abs(table[:, layer, j]) if stat == "grad_std" else table[:, layer, j],
+                    color=color, lw=1, label=f"layer {layer:02d}")
+        ax.set(title=stat, xlabel="epoch")
+        if stat == "grad_std":
+            ax.set_yscale("log")
+    axes[0][1].legend(fontsize=7, ncol=2)
+    return [csv_path, _save(fig, png_path, title)]
+
+
+def weight_change(steps: list[int], mean_abs: list, path: Path, title: str = "") -> Path:
+    """Seed 000's figure: each layer's mean |ΔW| per step, log scale."""
+    values = np.array(mean_abs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for layer, color in zip(range(values.shape[1]), _layer_colors(values.shape[1])):
+        ax.plot(steps, values[:, layer], color=color, lw=0.8, label=f"layer {layer:02d}")
+    ax.set(xlabel="step", ylabel="mean |ΔW|", yscale="log", title=title or "weight change per step")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -78,6 +78,7 @@ INITS: dict[str, Callable[..., None]] = {
     "normal": lambda w, std=1.0: nn.init.normal_(w, 0.0, std),
     "orthogonal": lambda w, gain=1.0: nn.init.orthogonal_(w, gain=gain),
     "torch_default": lambda w: None,
+    "constant": lambda w, value=0.5: nn.init.constant_(w, value),
 }
 
 

@@ -393,6 +393,11 @@ class MultirunParentRun(Callback):
         parsed = OverridesParser.create().parse_overrides(overrides)
         swept = [o.input_line for o in parsed if o.is_sweep_override()]
         keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+        # a preset may declare its sweep in hydra.sweeper.params (`-m experiment=cures`)
+        for key, values in dict(config.hydra.sweeper.get("params") or {}).items():
+            if key.lstrip("+~") not in keys:  # the command line wins over the preset's sweep
+                keys.append(key.lstrip("+~"))
+                swept.append(f"{key}={values}")
         uri = resolve_uri(config.tracking.uri)
         self.client = client(uri)
         exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)

@@ -16,8 +16,9 @@ from src import histograms, plots, theory, tracking, validate, verdict
 from src.callback import GradientStatsCallback
 from src.data import ArrayDataModule, DataFilesMissing
 from src.guards import StopOnNonFiniteLoss
-from src.model import Classifier, build_mlp
+from src.model import Classifier, Regressor, build_mlp
 from src.trace import read_trace
+from src.weight_change import WeightChangeCallback
 
 TRIAL_ENV = "GRADFLOW_TRIAL"
 
@@ -30,15 +31,19 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     validate.check(cfg)  # before anything is built or any MLflow run exists
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ArrayDataModule(**_plain(cfg.data), seed=cfg.seed)
-    widths = list(cfg.model.widths) if cfg.model.widths else [cfg.model.width] * cfg.model.depth
+    m = cfg.model
+    widths = list(m.widths) if m.widths is not None else [m.width] * m.depth
     net = build_mlp(
         data.in_dim, data.n_classes, widths,
         activation=cfg.activation.name, activation_params=_plain(cfg.activation, drop=("name",)),
         init=cfg.init.name, init_params=_plain(cfg.init, drop=("name",)),
+        norm=m.get("norm", "none"), residual=bool(m.get("residual", False)),
+        head_activation=m.get("head_activation"),
     )
-    module = Classifier(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
+    task = Regressor if data.task == "regression" else Classifier
+    module = task(net, cfg.optimizer.name, _plain(cfg.optimizer, drop=("name",)))
     prediction = theory.predict(net, data.train_set.tensors[0], cfg.activation.name,
-                                _plain(cfg.activation, drop=("name",)))  # at init: before any step
+                                _plain(cfg.activation, drop=("name",))) if widths else None  # at init
 
     out_dir = _output_dir()
     choices = _choices(cfg)
@@ -56,6 +61,11 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
                 trace_path=out_dir / "trace.parquet", trace_chunk_steps=cfg.stats.trace_chunk_steps,
             )
             callbacks.append(stats_cb)
+        change_cb = None
+        if cfg.stats.get("weight_change"):  # seeds 000/004: per-step mean |dW| and before/after change
+            change_cb = WeightChangeCallback(cfg.stats.every_n_steps, cfg.stats.log_every_n_steps,
+                                             csv_path=out_dir / "weight_change.csv")
+            callbacks.append(change_cb)
         hist_cb = None
         if cfg.stats.enabled and cfg.stats.get("histogram_every_n_steps", 0):
             hist_cb = histograms.HistogramCallback(cfg.stats.histogram_every_n_steps, out_dir / "histograms.parquet")
@@ -75,8 +85,9 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
                 raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
             raise
         finally:
-            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name, prediction.chi1,
-                                   hist_cb)
+            trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name,
+                                   prediction.chi1 if prediction else None, hist_cb)
+            _log_extras(run, cfg, out_dir, trace, change_cb, trainer, run_name)
         if guard and guard.stop_reason:
             run.writer.set_tags({"stop_reason": guard.stop_reason})
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
@@ -84,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         run.writer.log_metrics({"time/fit_s": results["time/fit_s"]}, step=trainer.global_step)
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
-        if trace is not None:  # stats=off stays the bare baseline: no per-layer keys at all
+        if trace is not None and prediction is not None:  # stats=off: no per-layer keys; theory needs a hidden layer
             run.writer.log_metrics(theory.metrics(prediction, trace), 0)
         judged = verdict.diagnose(trace, logger.history, cfg.activation.name, verdict.from_config(_plain(cfg.verdict)))
         run.writer.set_tags(judged.tags())
@@ -118,6 +129,24 @@ def _log_artifacts(run, cfg, out_dir: Path, stats_cb, history, title, chi1=None,
         for p in paths:
             run.log_artifact(p, "plots")
     return trace
+
+
+def _log_extras(run, cfg, out_dir: Path, trace, change_cb, trainer, title) -> None:
+    """The presets' extra views: per-epoch layer statistics (seed 003) and weight change (000, 004)."""
+    try:  # called from a `finally`, like the figures
+        if change_cb is not None and change_cb.write_csv():
+            run.log_artifact(change_cb.csv_path, "trace")
+            if cfg.tracking.plots:
+                run.log_artifact(plots.weight_change(change_cb.steps, change_cb.mean_abs,
+                                                     out_dir / "plots" / "weight_change.png", title), "plots")
+        if cfg.tracking.get("epoch_stats") and trace is not None and len(trace["steps"]):
+            per_epoch = max(1, trainer.num_training_batches // cfg.trainer.accumulate_grad_batches)
+            paths = plots.epoch_stats(trace, per_epoch, out_dir / "epoch_stats.csv",
+                                      out_dir / "plots" / "epoch_stats.png" if cfg.tracking.plots else None, title)
+            for path, where in zip(paths, ("trace", "plots")):
+                run.log_artifact(path, where)
+    except Exception as e:  # noqa: BLE001
+        print(f"extras: could not write the extra views: {e}", file=sys.stderr)
 
 
 def _plain(node, drop: tuple = ()) -> dict:

@@ -13,7 +13,8 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from src import registry, verdict
-from src.data import DATASETS
+from src.data import DATASETS, SOURCES
+from src.model import NORMS
 from src.tracking import redact, resolve_uri
 
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -57,8 +58,18 @@ def problems(cfg) -> list[str]:
         need(_int(m["width"]) and m["width"] >= 1, "model.width", "must be an integer >= 1", m["width"])
     else:
         ws = m["widths"]
-        need(isinstance(ws, list) and ws and all(_int(w) and w >= 1 for w in ws), "model.widths",
-             "must be a non-empty list of integers >= 1, e.g. [1000,750,500]", ws)
+        need(isinstance(ws, list) and all(_int(w) and w >= 1 for w in ws), "model.widths",
+             "must be a list of integers >= 1, e.g. [1000,750,500] ([] for no hidden layer)", ws)
+    norm = m.get("norm", "none")
+    need(norm in NORMS, "model.norm", f"must be one of {', '.join(NORMS)}", norm)
+    need(isinstance(m.get("residual", False), bool), "model.residual", "must be true or false",
+         m.get("residual"))
+    head = m.get("head_activation")
+    need(head is None or head in registry.ACTIVATIONS, "model.head_activation",
+         f"must be null or one of {', '.join(sorted(registry.ACTIVATIONS))}", head)
+    if norm == "batch":  # BatchNorm1d cannot normalise a batch of one in training mode
+        need(not _int(c["data"]["batch_size"]) or c["data"]["batch_size"] >= 2, "data.batch_size",
+             "must be >= 2 with model.norm=batch", c["data"]["batch_size"])
 
     o = c["optimizer"]
     need(_number(o["lr"]) and o["lr"] > 0, "optimizer.lr", "must be a number > 0", o["lr"])
@@ -72,8 +83,9 @@ def problems(cfg) -> list[str]:
     need(_number(d.get("val_fraction", 0)) and 0 <= d.get("val_fraction", 0) < 1, "data.val_fraction",
          "must be a number in [0, 1)", d.get("val_fraction"))
     if d["name"] in ("mnist", "fashion_mnist") and not Path(str(d["path"])).exists():
-        out.append(f"data.path={d['path']!r}: no such file or folder (put the {d['name']} IDX files or "
-                   f"{d['name']}.npz there, set data.path or $GRADFLOW_DATA_DIR, or use data=digits)")
+        out.append(f"data.path={d['path']!r}: no such file or folder (download the four {d['name']} IDX files "
+                   f"from {SOURCES[d['name']]} into it, or set data.path or $GRADFLOW_DATA_DIR; data=digits "
+                   "runs offline)")
 
     t = c["trainer"]
     need(_int(t["max_steps"]) and (t["max_steps"] == -1 or t["max_steps"] >= 1), "trainer.max_steps",
@@ -82,6 +94,12 @@ def problems(cfg) -> list[str]:
          "must be an integer >= 1, or -1 for no limit", t["max_epochs"])
     need(_int(t["log_every_n_steps"]) and t["log_every_n_steps"] >= 1, "trainer.log_every_n_steps",
          "must be an integer >= 1", t["log_every_n_steps"])
+    clip = t.get("gradient_clip_val")
+    need(clip is None or (_number(clip) and clip >= 0), "trainer.gradient_clip_val",
+         "must be null (no clipping) or a number >= 0", clip)
+    algo = t.get("gradient_clip_algorithm")
+    need(algo is None or algo in ("norm", "value"), "trainer.gradient_clip_algorithm",
+         "must be null, norm or value", algo)
 
     s = c["stats"]
     for k in ("every_n_steps", "log_every_n_steps", "trace_chunk_steps"):

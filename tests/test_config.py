@@ -27,7 +27,7 @@ def test_groups_are_the_documented_ones():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, compose_cfg, tiny_mnist):
-    extra = [f"data.path={tiny_mnist}"] if group == "data" and "mnist" in option else []
+    extra = [f"data.path={tiny_mnist}"] if "mnist" in option else []  # data=mnist*, experiment=mnist_*
     cfg = compose_cfg([f"{group}={option}", *extra])
     data = ArrayDataModule(**{k: v for k, v in cfg.data.items()}, seed=cfg.seed)
     net = build_mlp(data.in_dim, data.n_classes, [cfg.model.width] * cfg.model.depth,
