@@ -10,7 +10,9 @@ Rules, in order of precedence:
   dead /      (while the loss is still high) a hidden layer with more than `dead_fraction` dead units
   saturated   (rectifiers) / `saturated_fraction` saturated units (sigmoid, tanh, softsign)
   vanishing   (while the loss is still high) a hidden layer's signal below `vanishing_ratio` x the output
-              layer's, a gradient RMS below `grad_rms_floor`, or an update below `update_ratio_min` x ||W||
+              layer's, a gradient RMS below `grad_rms_floor`, or an update below `update_ratio_min` x ||W||;
+              or, for a run whose loss is still high at its end, a signal below `stall_ratio` x the output
+              layer's from some step to the end
   converged   the loss fell to `converged_loss_fraction` of its start, or is low and flat
   healthy     none of the above
 Among dead, saturated and vanishing the earliest wins (the cause before its symptom on a tie). A stall that
@@ -37,6 +39,7 @@ ACTIVATION_FAMILY = {
 class Thresholds:
     """The `verdict` config group as plain values (no defaults here: the YAML file is the one source)."""
     vanishing_ratio: float
+    stall_ratio: float
     exploding_ratio: float
     grad_rms_floor: float
     update_ratio_min: float
@@ -62,7 +65,7 @@ def problems(values: dict) -> list[str]:
         v = values.get(k)
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    for k, lo, hi in (("vanishing_ratio", 0, 1), ("grad_rms_floor", 0, None), ("update_ratio_min", 0, None),
+    for k, lo, hi in (("vanishing_ratio", 0, 1), ("stall_ratio", 0, 1), ("grad_rms_floor", 0, None), ("update_ratio_min", 0, None),
                       ("saturated_fraction", 0, 1), ("dead_fraction", 0, 1), ("high_loss_fraction", 0, 1),
                       ("converged_loss_fraction", 0, 1), ("plateau_fraction", 0, 1), ("plateau_change", 0, None),
                       ("exploding_ratio", 1, None), ("update_ratio_max", 0, None), ("loss_growth", 1, None)):
@@ -230,6 +233,14 @@ def diagnose(trace: dict | None, history: dict, activation: str, th: Thresholds)
         j, r = _worst(upd, i, largest=False)
         vanish.append((i, f"layer {j:02d}'s update is {_fmt(r)} of its weights' norm at step {steps[i]}"
                           f"{loss_note(i)} (threshold {_fmt(th.update_ratio_min)})"))
+    if rel.shape[1] and high[-1]:  # never trained: a weaker decay explains a loss that stayed high all run
+        i = _onset(high & (np.nanmin(np.where(np.isfinite(rel), rel, np.inf), axis=1) < th.stall_ratio),
+                   steps, th.patience_steps)
+        if i is not None and (np.nanmin(np.where(np.isfinite(rel[-1]), rel[-1], np.inf)) < th.stall_ratio):
+            j, r = _worst(rel, i, largest=False)
+            vanish.append((i, f"the loss is still {rel_loss[-1]:.2f} of its start at step {steps[-1]} and layer "
+                              f"{j:02d}'s back-propagated signal has been below {_fmt(th.stall_ratio)} of the "
+                              f"output layer's since step {steps[i]} ({_fmt(r)} then)"))
     if vanish:
         found["vanishing"] = min(vanish, key=lambda x: x[0])
     if found:  # earliest stall; on a tie the cause (dead, saturated) before the symptom (vanishing)

@@ -145,10 +145,6 @@ def test_circles_tanh_and_relu_learn_where_sigmoid_stalls(compose_cfg, tracking_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "the verdict's vanishing rule needs a hidden layer's signal 1e-3 x the output layer's (verdict.vanishing_ratio); "
-    "the 4x5 sigmoid net's is 0.02-0.1 while its loss stays at ~0.75 of its start, so it is called healthy. "
-    "The issue asks for `vanishing` here: a rule for a stalled loss with a decaying signal is needed (src/verdict.py)"))
 def test_circles_sigmoid_ends_vanishing(compose_cfg, tracking_uri):
     """20 epochs (500 steps; the preset runs 100)."""
     out = train(compose_cfg(["experiment=circles_4x5", "activation=sigmoid", "trainer.max_epochs=20", *QUIET]))

@@ -204,3 +204,16 @@ def test_real_run_with_stats_off_is_unknown(tracking_uri, compose_cfg):
     assert out["verdict"] == "unknown"
     _, [run] = runs_of(tracking_uri)
     assert run.data.tags["verdict"] == "unknown" and "stats.enabled=false" in run.data.tags["verdict_reason"]
+
+
+def test_a_run_that_never_trained_with_a_moderately_decaying_signal_is_vanishing():
+    """Seed 003's sigmoid net: the signal is 0.02-0.1 of the output layer's (above vanishing_ratio) and the
+    loss is still high at the end. The same decay in a run whose loss fell is not called vanishing."""
+    bp = np.ones((200, 4))
+    bp[30:, 0] = 0.03
+    v = verdict.diagnose(make_trace(backprop_norm=bp), FLAT, "sigmoid", TH)
+    assert (v.verdict, v.step) == ("vanishing", 30)
+    assert "still 1.00 of its start" in v.reason and "layer 00" in v.reason and "0.1" in v.reason
+    assert verdict.diagnose(make_trace(backprop_norm=bp), DONE, "sigmoid", TH).verdict == "converged"
+    bp[150:, 0] = 1.0  # the signal recovered before the end: no stall to explain
+    assert verdict.diagnose(make_trace(backprop_norm=bp), FLAT, "sigmoid", TH).verdict == "healthy"
