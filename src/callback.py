@@ -284,7 +284,7 @@ class GradientStatsCallback(L.Callback):
         self._act_layers_flat = [i for grp in self._act_groups for i in grp["idx"]]
         self._act_slot_views = [[grp["buf"][k, j] for grp in self._act_groups for j in range(len(grp["idx"]))]
                                 for k in range(self._K)]
-        self._act_batch = min(grp["buf"].shape[2] for grp in self._act_groups)
+        self._act_batch = min((grp["buf"].shape[2] for grp in self._act_groups), default=0)
 
     def _capture_activations(self, slot: int | None = None):
         """Copy the step's pre-activations (the last micro-batch's) into its slot, in one op."""

@@ -262,3 +262,35 @@ def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, m
     for s, m in logged.items():
         assert m["grad_norm/layer_02"] == pytest.approx(plain.rows[s][2, 0], rel=2e-4)
         assert m["act_saturation/layer_01"] == pytest.approx(plain.rows[s][1, LAYER_STATS.index("act_saturation")])
+
+
+def test_a_net_without_activation_modules(tmp_path):
+    """Linear layers only: weight and signal statistics every step, no act_* keys, nothing fails."""
+    class Linears(TwoLayer):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return ((self.fc2(self.fc1(x)) - y) ** 2).mean()
+
+    logger = ListLogger()
+    cb = GradientStatsCallback(log_every_n_steps=1, ring_steps=2, trace_path=tmp_path / "t.parquet")
+    data = DataLoader(TensorDataset(torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)))
+    L.Trainer(max_steps=3, logger=logger, callbacks=[cb], enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, accelerator="cpu").fit(Linears(), data)
+    logged = [(s, m) for s, m in logger.records if any("/layer_" in k for k in m)]
+    assert [s for s, _ in logged] == [0, 1, 2]
+    assert not any(k.startswith("act_") for _, m in logged for k in m)
+    assert np.isnan(read_trace(cb.trace_path)["act_mean"]).all()
+
+
+def test_mixed_precision_reports_unscaled_gradients_and_signal(tmp_path):
+    """fp16 autocast with a loss scale of 1024: the tensor hooks see a 1024x larger signal and the weight
+    gradients are unscaled before on_before_optimizer_step; both must come out at their true size."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    logger, _ = fit(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    h = hand_backprop()
+    for i, (dW, d) in enumerate(((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
+        assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=5e-3)
+        assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=5e-3)
