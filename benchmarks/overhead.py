@@ -47,16 +47,21 @@ MODELS = {"small": (10, 64, "sigmoid"), "mid": (20, 256, "relu"), "wide": (5, 10
 
 
 class StepTimer(L.Callback):
+    """Wall time and the training thread's CPU time at each step's start. CPU time does not count the
+    time the thread waits for a core, so it stays comparable on a machine others load (with --threads 1
+    all of torch's work runs on this thread)."""
+
     def __init__(self):
-        self.t: list[float] = []
+        self.t: list[tuple[float, float]] = []
 
     def on_train_batch_start(self, *args):
-        self.t.append(time.perf_counter())
+        self.t.append((time.perf_counter(), time.thread_time()))
 
-    def mean_step(self, warmup: int) -> float:
-        """Wall time per step over the timed steps: a mean, not a median, so that the statistics computed
-        every few dozen steps for the buffered ones are counted in full."""
-        return (self.t[-1] - self.t[warmup]) / (len(self.t) - 1 - warmup)
+    def mean_step(self, warmup: int) -> tuple[float, float]:
+        """(wall, cpu) time per step over the timed steps: a mean, not a median, so that the statistics
+        computed every few dozen steps for the buffered ones are counted in full."""
+        n = len(self.t) - 1 - warmup
+        return tuple((b - a) / n for a, b in zip(self.t[warmup], self.t[-1]))
 
 
 class LightningWay(Classifier):
@@ -186,21 +191,28 @@ def main() -> None:
                     u = slow_uri if c == "slow_server" else uri
                     times[(m, c)].append(run_once(m, c, args.steps, args.warmup, u, args.device, workdir))
             print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{'model':<18}{'condition':<12}{'ms/step':>10}{'vs off':>9}")
+    cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
+    spread = {k: (min(t[0] for t in v), max(t[0] for t in v)) for k, v in times.items()}
+    med = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+    print(f"\n{'model':<18}{'condition':<13}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}")
     for (m, c), t in med.items():
         depth, width, act = MODELS[m]
-        print(f"{f'{depth}x{width} {act}':<18}{c:<12}{t * 1e3:>10.3f}{t / med[(m, 'off')]:>8.2f}x")
+        lo, hi = spread[(m, c)]
+        print(f"{f'{depth}x{width} {act}':<18}{c:<13}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
+              f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x")
     names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
     print()
+    for m in models:
+        print(f"{names[m]}_cpu={cpu[(m, 'stats')] / cpu[(m, 'off')]:.3f}")
     for m in models:
         print(f"{names[m]}={med[(m, 'stats')] / med[(m, 'off')]:.3f}")
     backend, ours = ingest(uri)
     print(f"\ningest: log_batch(1000) direct {backend:,.0f} metrics/s, AsyncRunWriter sustained {ours:,.0f} metrics/s")
     print(f"ingest_ratio={ours / backend:.2f}")
-    if slow:
+    if slow:  # wall time: waiting on the network would show there, not in CPU time
         print(f"slow_server_ratio={med[('small', 'slow_server')] / med[('small', 'stats')]:.3f}")
     if "small" in models:
+        print(f"vs_lightning_ratio_cpu={cpu[('small', 'lightning')] / cpu[('small', 'stats')]:.2f}")
         print(f"vs_lightning_ratio={med[('small', 'lightning')] / med[('small', 'stats')]:.2f}")
 
 
