@@ -219,6 +219,7 @@ class GradientStatsCallback(L.Callback):
             nonfinite = torch.zeros(len(weights), 1, device=rows.device)
             if not torch.isfinite(rows[:, 0]).all():  # rare: pay for counting NaN/Inf entries (a host sync)
                 nonfinite[:, 0] = stats.nonfinite_counts(grads)
+                rows[:, stats.GRAD_STATS.index("grad_zero_frac")] = stats.zero_fractions(grads)
             torch.cat([rows, nonfinite], dim=1, out=self._grad_rows[k])
             if self._snapshot is None:  # the optimizer changes the weights in place: keep the pre-step copy
                 self._snapshot = [w.detach().clone() for w in weights]

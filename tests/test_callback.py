@@ -123,7 +123,10 @@ def test_gradient_accumulation_reports_the_optimizer_step(tmp_path):
         assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
 
 
-def test_non_finite_gradients_are_counted_not_dropped(tmp_path):
+@pytest.mark.parametrize("path", ["stacked", "per_tensor"])
+def test_non_finite_gradients_are_counted_not_dropped(tmp_path, monkeypatch, path):
+    if path == "per_tensor":
+        monkeypatch.setattr(callback, "STACK_MAX_NUMEL", 0)
     x = X.copy()
     x[0, 0] = np.inf  # one poisoned input: NaN/Inf in the first layer's weight gradient
     logger, cb = fit(tmp_path, x=x)

@@ -43,6 +43,7 @@ def test_non_finite_gradients_are_visible_and_counted():
     (row,) = stats.gradient_stats([g])
     assert math.isnan(row[0]) and math.isnan(row[1]) and math.isnan(row[2])
     assert stats.nonfinite_counts([g, torch.ones(3)]).tolist() == [2.0, 0.0]
+    assert stats.zero_fractions([torch.tensor([0.0, float("nan"), 1.0, 0.0])]).tolist() == [0.5]
 
 
 def _padded(tensors):
