@@ -1,26 +1,32 @@
 """Per-step cost of the gradient statistics, measured side by side in one process.
 
-    python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu]
+    python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu] [--threads N] [--no-slow-server]
 
-For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times, and
-takes the median wall time per optimizer step (from on_train_batch_start to the next one, after a
-warm-up). Conditions:
+For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times; each
+run's time per optimizer step is its mean over the timed steps (on_train_batch_start to on_train_batch_start,
+after a warm-up; the last step's own time is not counted), and the table shows the median over repeats. Conditions:
   off        our pipeline with stats=off: the async MLflow logger gets train/loss every 10 steps
   stats      + GradientStatsCallback recording every statistic of every layer on every step
              (dense Parquet trace every step, MLflow snapshot every 10 steps)
   lightning  Lightning's own way of logging per-layer norms every step: grad_norm() + self.log_dict()
              in on_before_optimizer_step, MLFlowLogger on a SQLite store, log_every_n_steps=1
+  slow_server  (10x64) `stats`, but MLflow is a real `mlflow server` behind a proxy that holds every
+             request 0.2 s: the training thread must not wait on it (slow_server_ratio = slow_server / stats)
 The last lines are machine-readable: overhead_ratio_small (10x64), overhead_ratio (20x256),
-overhead_ratio_wide (5x1024) and vs_lightning_ratio (lightning / stats, 10x64).
+overhead_ratio_wide (5x1024), slow_server_ratio and vs_lightning_ratio (lightning / stats, 10x64).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -35,20 +41,27 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from src import tracking  # noqa: E402
 from src.callback import GradientStatsCallback  # noqa: E402
 from src.model import Classifier, build_mlp  # noqa: E402
+from tests.conftest import SlowProxy, free_port  # noqa: E402
 
 MODELS = {"small": (10, 64, "sigmoid"), "mid": (20, 256, "relu"), "wide": (5, 1024, "relu")}
 
 
 class StepTimer(L.Callback):
+    """Wall time and the training thread's CPU time at each step's start. CPU time does not count the
+    time the thread waits for a core, so it stays comparable on a machine others load (with --threads 1
+    all of torch's work runs on this thread)."""
+
     def __init__(self):
-        self.t: list[float] = []
+        self.t: list[tuple[float, float]] = []
 
     def on_train_batch_start(self, *args):
-        self.t.append(time.perf_counter())
+        self.t.append((time.perf_counter(), time.thread_time()))
 
-    def median_step(self, warmup: int) -> float:
-        d = [b - a for a, b in zip(self.t[warmup:], self.t[warmup + 1:])]
-        return statistics.median(d)
+    def mean_step(self, warmup: int) -> tuple[float, float]:
+        """(wall, cpu) time per step over the timed steps: a mean, not a median, so that the statistics
+        computed every few dozen steps for the buffered ones are counted in full."""
+        n = len(self.t) - 1 - warmup
+        return tuple((b - a) / n for a, b in zip(self.t[warmup], self.t[-1]))
 
 
 class LightningWay(Classifier):
@@ -79,7 +92,7 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
         writer = tracking.AsyncRunWriter(client, run, spool_dir=workdir)
         logger = tracking.MlflowAsyncLogger(writer, "bench")
         log_every = 10
-        if condition == "stats":
+        if condition in ("stats", "slow_server"):
             callbacks.append(GradientStatsCallback(every_n_steps=1, log_every_n_steps=10,
                                                    trace_path=workdir / f"{run}.parquet"))
     trainer = L.Trainer(max_steps=steps + warmup, logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
@@ -89,7 +102,40 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
     if run is not None:
         writer.close()
         client.set_terminated(run)
-    return timer.median_step(warmup)
+    return timer.mean_step(warmup)
+
+
+@contextlib.contextmanager
+def slow_server(workdir: Path, delay: float = 0.2):
+    """A real `mlflow server` (own process group, stopped by its id) behind a proxy holding each request
+    `delay` s; yields the proxy's URL."""
+    port = free_port()
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
+         "--artifacts-destination", str(workdir / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proxy = None
+    try:
+        deadline = time.monotonic() + 300  # minutes on a busy machine
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start, see {workdir / 'server.log'}")
+                time.sleep(0.3)
+        proxy = SlowProxy(port, delay)
+        yield f"http://127.0.0.1:{proxy.port}"
+    finally:
+        if proxy is not None:
+            proxy.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        log.close()
 
 
 def ingest(uri: str, n_requests: int = 20) -> tuple[float, float]:
@@ -123,34 +169,50 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="small,mid,wide")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--no-slow-server", action="store_true", help="skip the slow tracking server condition")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     workdir = Path(tempfile.mkdtemp(prefix="gradflow-bench-"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     models = args.models.split(",")
-    conds = {m: ["off", "stats"] + (["lightning"] if m == "small" else []) for m in models}
+    slow = "small" in models and not args.no_slow_server
+    conds = {m: ["off", "stats"] + (["lightning"] + ["slow_server"] * slow if m == "small" else []) for m in models}
     times = {(m, c): [] for m in models for c in conds[m]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch 32, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats", flush=True)
-    for r in range(args.repeats):
-        for m in models:
-            for c in conds[m]:
-                times[(m, c)].append(run_once(m, c, args.steps, args.warmup, uri, args.device, workdir))
-        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{'model':<18}{'condition':<12}{'ms/step':>10}{'vs off':>9}")
+    with slow_server(workdir) if slow else contextlib.nullcontext() as slow_uri:
+        for r in range(args.repeats):
+            for m in models:
+                for c in conds[m]:
+                    u = slow_uri if c == "slow_server" else uri
+                    times[(m, c)].append(run_once(m, c, args.steps, args.warmup, u, args.device, workdir))
+            print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
+    spread = {k: (min(t[0] for t in v), max(t[0] for t in v)) for k, v in times.items()}
+    med = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+    print(f"\n{'model':<18}{'condition':<13}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}")
     for (m, c), t in med.items():
         depth, width, act = MODELS[m]
-        print(f"{f'{depth}x{width} {act}':<18}{c:<12}{t * 1e3:>10.3f}{t / med[(m, 'off')]:>8.2f}x")
+        lo, hi = spread[(m, c)]
+        print(f"{f'{depth}x{width} {act}':<18}{c:<13}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
+              f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x")
     names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
     print()
+    for m in models:
+        print(f"{names[m]}_cpu={cpu[(m, 'stats')] / cpu[(m, 'off')]:.3f}")
     for m in models:
         print(f"{names[m]}={med[(m, 'stats')] / med[(m, 'off')]:.3f}")
     backend, ours = ingest(uri)
     print(f"\ningest: log_batch(1000) direct {backend:,.0f} metrics/s, AsyncRunWriter sustained {ours:,.0f} metrics/s")
     print(f"ingest_ratio={ours / backend:.2f}")
+    if slow:  # wall time: waiting on the network would show there, not in CPU time
+        print(f"slow_server_ratio={med[('small', 'slow_server')] / med[('small', 'stats')]:.3f}")
     if "small" in models:
+        print(f"vs_lightning_ratio_cpu={cpu[('small', 'lightning')] / cpu[('small', 'stats')]:.2f}")
         print(f"vs_lightning_ratio={med[('small', 'lightning')] / med[('small', 'stats')]:.2f}")
 
 

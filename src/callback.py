@@ -7,6 +7,15 @@ optimizer step: the weight gradient (at `on_before_optimizer_step`: accumulated,
 mixed precision), the back-propagated signal dL/ds at the layer's output s (a tensor hook), the output
 of the activation module that runs after the layer (any registry activation, reused modules included),
 the weights, and the relative size of the step actually taken.
+
+Cost. A recorded step only *captures* its raw inputs into preallocated ring buffers of `ring_steps` steps
+(one `_foreach_copy_` each for the gradients, the weights before and after the step, the pre-activations);
+every `ring_steps` steps (and when training ends) the statistics of all buffered steps are computed in a
+few stacked ops, written to the trace and handed to the loggers *with their own step numbers*. Big nets,
+whose copies would cost more than the dispatch they save, reduce gradients and weights at the step itself
+(whole-tensor passes) and buffer only the small per-step results. Activation module hooks run on the first
+recorded step only, to learn which activation follows which layer; afterwards f(s) is recomputed from the
+layer output s kept by the Linear hook (the same op on the same input).
 """
 from __future__ import annotations
 
@@ -20,6 +29,17 @@ from torch import Tensor, nn
 from src import stats
 from src.registry import ACTIVATION_BY_TYPE
 from src.trace import TraceWriter
+
+# Gradients and weights are buffered (and reduced every `ring_steps` steps) when all layers zero-padded to
+# the largest one hold at most this many elements: there per-op dispatch dominates. Above it, copying them
+# costs more than reducing them at once.
+STACK_MAX_NUMEL = 1 << 17
+# Ring buffers hold at most this many float32 elements in all (64 MiB), and at most MAX_RING_STEPS steps,
+# so a flush stays short and values reach the loggers soon.
+RING_MAX_NUMEL = 1 << 24
+MAX_RING_STEPS = 32
+
+COL = {name: j for j, name in enumerate(stats.LAYER_STATS)}
 
 
 def _grads(weights: list[Tensor]) -> list[Tensor]:
@@ -40,9 +60,10 @@ class GradientStatsCallback(L.Callback):
         saturation_threshold: float = 0.05,
         trace_path: str | Path | None = None,
         trace_chunk_steps: int = 1024,
+        ring_steps: int | None = None,
     ):
         for name, v in (("every_n_steps", every_n_steps), ("log_every_n_steps", log_every_n_steps),
-                        ("trace_chunk_steps", trace_chunk_steps)):
+                        ("trace_chunk_steps", trace_chunk_steps), ("ring_steps", ring_steps or 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"stats.{name} must be a positive integer, got {v!r}")
         if not 0.0 < saturation_threshold < 1.0:
@@ -56,13 +77,15 @@ class GradientStatsCallback(L.Callback):
         self.threshold = saturation_threshold
         self.trace_path = Path(trace_path) if trace_path else None
         self.trace_chunk_steps = trace_chunk_steps
+        self.ring_steps = ring_steps  # None: chosen from the model's size
         self.trace: TraceWriter | None = None
         self.linears: list[nn.Linear] = []
         self._handles: list = []
+        self._act_handles: list = []
+        self._loggers: list = []
         self._armed = False
         self._armed_step: int | None = None
-        self._before: list[Tensor] | None = None
-        self._pending = None
+        self._stepped = False  # on_before_optimizer_step ran for the armed step: the optimizer stepped
         self.act_layers: set[int] = set()
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -72,21 +95,65 @@ class GradientStatsCallback(L.Callback):
         self.linears = [m for m in pl_module.modules() if isinstance(m, nn.Linear)]
         if not self.linears:
             raise ValueError("GradientStatsCallback found no nn.Linear layer in the LightningModule")
+        L_ = len(self.linears)
         for i, lin in enumerate(self.linears):
             self._handles.append(lin.register_forward_hook(self._linear_hook(i)))
         for m in pl_module.modules():
             if type(m) in ACTIVATION_BY_TYPE:
-                self._handles.append(m.register_forward_hook(self._activation_hook))
+                self._act_handles.append(m.register_forward_hook(self._activation_hook))
+        self._discovering = True  # activation hooks run until one recorded step has shown the layout
+        self._act_of: dict[int, nn.Module] = {}
+        self._direct_pre: set[int] = set()  # layers whose activation input is exactly the Linear output
+        self._pre: list[Tensor | None] = [None] * L_
+        self._signals: list[Tensor | None] = [None] * L_
+        self._last_linear = None
+        self._act_groups: list | None = None
+        weights = [lin.weight for lin in self.linears]
+        dev = weights[0].device
+        self._device = dev
+        self._numel = [w.numel() for w in weights]
+        width = max(self._numel)
+        self._stacked = L_ * width <= STACK_MAX_NUMEL
+        per_step = 3 * L_ * width if self._stacked else 0
+        self._K = self.ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // max(per_step, 1)))
+        K = self._K
+        self._steps: list[int] = []
+        self._rows: list[int] = []  # real samples in each buffered step's activations
+        self._inv_scale: list[float] = []
+        self._bp_sq = torch.zeros(K, L_, dtype=torch.float64, device=dev)
+        self._bp_rows = list(self._bp_sq.unbind(0))
+        if self._stacked:
+            self._numel_t = torch.tensor(self._numel, dtype=torch.float64, device=dev)
+            self._g = torch.zeros(K, L_, width, device=dev)  # padding stays zero forever
+            self._wb = torch.zeros(K, L_, width, device=dev)
+            self._wa = torch.zeros(K, L_, width, device=dev)
+            views = lambda buf: [[buf[k, i, :n].view_as(w) for i, (n, w) in enumerate(zip(self._numel, weights))]
+                                 for k in range(K)]
+            self._g_views, self._wb_views, self._wa_views = views(self._g), views(self._wb), views(self._wa)
+        else:
+            self._grad_rows = torch.zeros(K, L_, len(stats.GRAD_STATS) + 1, device=dev)
+            self._weight_rows = torch.zeros(K, L_, len(stats.WEIGHT_STATS) + 1, device=dev)
+            self._snapshot: list[Tensor] | None = None
         if self.trace_path is not None:
-            self.trace = TraceWriter(self.trace_path, stats.LAYER_STATS, len(self.linears), self.trace_chunk_steps)
+            self.trace = TraceWriter(self.trace_path, stats.LAYER_STATS, L_, self.trace_chunk_steps)
 
     def teardown(self, trainer, pl_module, stage):
-        for h in self._handles:
+        if stage != "fit":
+            return
+        self.flush()
+        for h in self._handles + self._act_handles:
             h.remove()
         self._handles.clear()
+        self._act_handles.clear()
         if self.trace is not None:
             self.trace.close()
-        self._before = self._pending = None
+        self._pre = self._signals = []
+
+    def on_train_end(self, trainer, pl_module):
+        self.flush()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.flush()  # what was recorded before the failure still reaches the trace
 
     # ---- hooks: only do work on armed (recorded) training steps -------------------------------------
     def _linear_hook(self, i: int):
@@ -96,34 +163,40 @@ class GradientStatsCallback(L.Callback):
         def hook(module, inputs, out):
             if self._armed and module.training and out.requires_grad:
                 self._last_linear = i
+                self._pre[i] = out
                 out.register_hook(keep_signal)
 
         return hook
 
     def _activation_hook(self, module, inputs, out):
-        if self._armed and module.training and self._last_linear is not None:
-            # the last micro-batch's activations stand for the step
-            self._acts[self._last_linear] = (inputs[0], out, ACTIVATION_BY_TYPE[type(module)])
+        i = self._last_linear
+        if self._armed and module.training and i is not None:
+            self._act_of[i] = module  # the last micro-batch's activations stand for the step
+            if inputs[0] is self._pre[i]:
+                self._direct_pre.add(i)
+            else:  # something between the layer and its activation: keep this hook for the real input
+                self._direct_pre.discard(i)
+                self._pre[i] = inputs[0]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         self._armed = step % self.every_n_steps == 0
         if self._armed and self._armed_step != step:  # first micro-batch of this optimizer step
             self._armed_step = step
-            self._bp_sq = torch.zeros(len(self.linears), dtype=torch.float64, device=pl_module.device)
-            self._acts: dict[int, tuple] = {}
-        self._signals: list[Tensor | None] = [None] * len(self.linears)
+            self._bp_rows[len(self._steps)].zero_()
         self._last_linear = None
 
     def on_after_backward(self, trainer, pl_module):
         if not self._armed:
             return
         # fold this micro-batch's signal into the step's: ||dL/ds||^2 adds up over micro-batches
+        row = self._bp_rows[len(self._steps)]
         if all(g is not None for g in self._signals):
-            self._bp_sq += stats.backprop_sq_norms(self._signals)
+            norms = torch.stack(torch._foreach_norm(self._signals))
+            row.addcmul_(norms, norms)  # into float64
         else:  # a layer the loss does not reach (frozen, unused): no signal, NaN rather than a made-up 0
             for i, g in enumerate(self._signals):
-                self._bp_sq[i] = float("nan") if g is None else self._bp_sq[i] + stats.backprop_sq_norms([g])[0]
+                row[i] = float("nan") if g is None else row[i] + g.double().square().sum()
         self._signals = [None] * len(self.linears)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -131,46 +204,168 @@ class GradientStatsCallback(L.Callback):
             return
         weights = [lin.weight for lin in self.linears]
         grads = _grads(weights)
-        bp = self._bp_sq.sqrt()
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # tensor hooks saw the loss-scaled signal; weight grads are unscaled here
-            bp = bp / scaler.get_scale()
-        act = torch.full((len(weights), len(stats.ACT_STATS)), float("nan"), device=bp.device)
-        if self._acts:
-            idx = sorted(self._acts)
-            self.act_layers.update(idx)
-            a = [self._acts[i] for i in idx]
-            act[idx] = stats.activation_stats(
-                [x[1] for x in a], [x[0] for x in a], [x[2].derivative for x in a],
-                [x[2].max_derivative for x in a], self.threshold,
-            )
-        self._acts = {}
-        with torch.no_grad():  # the optimizer changes the weights in place: keep the pre-step copy
-            if self._before is None:
-                self._before = [w.clone() for w in weights]
+        # tensor hooks saw the loss-scaled signal; weight gradients are unscaled here
+        self._inv_scale.append(1.0 / scaler.get_scale() if scaler is not None else 1.0)
+        self._capture_activations()  # may flush the buffered steps first (a batch bigger than the buffers)
+        k = len(self._steps)
+        self._stepped = True
+        with torch.no_grad():
+            if self._stacked:
+                torch._foreach_copy_(self._g_views[k], grads)
+                torch._foreach_copy_(self._wb_views[k], weights)
+                return
+            rows = stats.gradient_stats(grads)
+            nonfinite = torch.zeros(len(weights), 1, device=rows.device)
+            if not torch.isfinite(rows[:, 0]).all():  # rare: pay for counting NaN/Inf entries (a host sync)
+                nonfinite[:, 0] = stats.nonfinite_counts(grads)
+                rows[:, stats.GRAD_STATS.index("grad_zero_frac")] = stats.zero_fractions(grads)
+            torch.cat([rows, nonfinite], dim=1, out=self._grad_rows[k])
+            if self._snapshot is None:  # the optimizer changes the weights in place: keep the pre-step copy
+                self._snapshot = [w.detach().clone() for w in weights]
             else:
-                torch._foreach_copy_(self._before, weights)
-        nonfinite = torch.zeros(len(weights), 1, device=bp.device)
-        self._pending = (trainer.global_step, torch.cat([
-            stats.gradient_stats(grads), nonfinite, bp.float()[:, None], act], dim=1))
+                torch._foreach_copy_(self._snapshot, weights)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self._armed or self._pending is None:
+        if not (self._armed and self._stepped):  # accumulating: the optimizer has not stepped yet
             return
-        step, head = self._pending
-        self._pending = None
-        after = [lin.weight for lin in self.linears]
-        values = torch.cat([head, stats.weight_stats(self._before, after)], dim=1).cpu().numpy()  # one sync
-        col = stats.LAYER_STATS.index("grad_norm")
-        if not np.isfinite(values[:, col]).all():  # rare: pay for counting the NaN/Inf entries
-            grads = _grads(after)
-            values[:, stats.LAYER_STATS.index("grad_nonfinite")] = stats.nonfinite_counts(grads).cpu().numpy()
-        if self.trace is not None:
-            self.trace.append(step, values)
-        if step % self.log_every_n_steps == 0 and trainer.loggers:
-            metrics = self.metrics(values, self.act_layers)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        self._stepped = False
+        k = len(self._steps)
+        weights = [lin.weight for lin in self.linears]
+        with torch.no_grad():
+            if self._stacked:
+                torch._foreach_copy_(self._wa_views[k], weights)
+            else:
+                torch._foreach_sub_(self._snapshot, weights)  # in place: W_before - W_after, no allocation
+                self._weight_rows[k] = stats.weight_stats(weights, self._snapshot)
+        self._steps.append(self._armed_step)
+        self._loggers = trainer.loggers
+        if self._discovering:
+            self._end_discovery()
+        if len(self._steps) == self._K:
+            self.flush()
+
+    # ---- activations ----------------------------------------------------------------------------------
+    def _end_discovery(self):
+        """After one recorded step: group the layers with an activation by (module, width) into ring buffers
+        of their pre-activations; drop the activation hooks if every activation reads its layer's output."""
+        self._discovering = False
+        self.act_layers = set(self._act_of)
+        if self._act_groups is None:
+            self._act_groups = []
+            by_key: dict[tuple, list[int]] = {}
+            for i in sorted(self._act_of):
+                pre = self._pre_of(i)
+                by_key.setdefault((id(self._act_of[i]), pre.shape[-1], pre.dtype), []).append(i)
+            per_step = 0
+            for idx in by_key.values():
+                pre = self._pre_of(idx[0])
+                batch = pre.numel() // pre.shape[-1]
+                per_step += len(idx) * pre.numel()
+                self._act_groups.append(self._new_group(idx, batch, pre.shape[-1], pre.dtype))
+            # big batches x wide layers: buffer fewer steps (the gradient buffers are then only part-used)
+            self._K = max(1, min(self._K, RING_MAX_NUMEL // max(per_step, 1)))
+            self._act_views()
+            # the step just captured had no buffers yet: capture its activations now
+            self._capture_activations(slot=len(self._steps) - 1)
+        if len(self._direct_pre) == len(self._act_of):
+            for h in self._act_handles:
+                h.remove()
+            self._act_handles.clear()
+
+    def _pre_of(self, i: int) -> Tensor:
+        return self._pre[i].detach()
+
+    def _new_group(self, idx: list[int], batch: int, width: int, dtype) -> dict:
+        buf = torch.zeros(self._K, len(idx), batch, width, dtype=dtype, device=self._device)
+        return dict(idx=idx, buf=buf, module=self._act_of[idx[0]], entry=ACTIVATION_BY_TYPE[type(self._act_of[idx[0]])])
+
+    def _act_views(self):
+        """Per slot, the full-batch view of every activation layer's buffer row: no indexing op per step."""
+        self._act_layers_flat = [i for grp in self._act_groups for i in grp["idx"]]
+        self._act_slot_views = [[grp["buf"][k, j] for grp in self._act_groups for j in range(len(grp["idx"]))]
+                                for k in range(self._K)]
+        self._act_batch = min((grp["buf"].shape[2] for grp in self._act_groups), default=0)
+
+    def _capture_activations(self, slot: int | None = None):
+        """Copy the step's pre-activations (the last micro-batch's) into its slot, in one op."""
+        if self._act_groups is None:  # first recorded step: the buffers are built at its end
+            self._rows.append(0)
+            return
+        pres = [self._pre[i] for i in self._act_layers_flat]
+        pres = [p if p is None or p.dim() == 2 else p.flatten(0, -2) for p in pres]
+        batch = max((p.shape[0] for p in pres if p is not None), default=0)
+        if batch > self._act_batch:  # a bigger batch than the buffers hold: compute what is there, grow
+            self.flush(keep_current=True)
+            for grp in self._act_groups:
+                grp["buf"] = grp["buf"].new_zeros(*grp["buf"].shape[:2], batch, grp["buf"].shape[3])
+            self._act_views()
+        k = len(self._steps) if slot is None else slot
+        views = self._act_slot_views[k]
+        if all(p is not None and p.shape[0] == self._act_batch for p in pres):
+            srcs, dsts = pres, views
+        else:  # a short batch (the last of an epoch): the rows past it are masked when computing
+            srcs = [p for p in pres if p is not None]
+            dsts = [v[:p.shape[0]] for p, v in zip(pres, views) if p is not None]
+        if srcs:
+            with torch.no_grad():
+                torch._foreach_copy_(dsts, srcs)
+        if k < len(self._rows):
+            self._rows[k] = batch
+        else:
+            self._rows.append(batch)
+        self._pre = [None] * len(self.linears)
+
+    # ---- the stacked computation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def flush(self, keep_current: bool = False):
+        """Compute the statistics of every buffered step, append them to the trace and hand the logged steps
+        to the loggers. `keep_current`: the step being captured (no step number yet) stays buffered."""
+        n = len(self._steps)
+        if n == 0:
+            return
+        L_ = len(self.linears)
+        if self._stacked:
+            grad = stats.stacked_gradient_stats(self._g[:n], self._numel_t)
+            grad = torch.cat([grad, torch.zeros(n, L_, 1, device=grad.device)], dim=2)
+            weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel_t)
+        else:
+            grad, weight = self._grad_rows[:n], self._weight_rows[:n]
+        inv_scale = torch.tensor(self._inv_scale[:n], dtype=torch.float64, device=self._device)
+        bp = (self._bp_sq[:n].sqrt() * inv_scale[:, None]).float()
+        act = torch.full((n, L_, len(stats.ACT_STATS)), float("nan"), device=self._device)
+        rows = torch.tensor(self._rows[:n], device=self._device)
+        for grp in self._act_groups or []:
+            full = bool((rows == grp["buf"].shape[2]).all())
+            act[:, grp["idx"]] = stats.stacked_activation_stats(
+                grp["buf"][:n], grp["module"].forward, grp["entry"].derivative, grp["entry"].max_derivative,
+                self.threshold, rows=None if full else rows)
+        values = torch.cat([grad, bp[:, :, None], act, weight], dim=2).cpu().numpy()  # one sync for n steps
+        if self._stacked:
+            broken = ~np.isfinite(values[:, :, COL["grad_norm"]]).all(axis=1)
+            if broken.any():  # rare: pay for counting the NaN/Inf entries
+                g = self._g[torch.from_numpy(np.flatnonzero(broken)).to(self._device)]
+                values[broken, :, COL["grad_nonfinite"]] = stats.stacked_nonfinite_counts(g).cpu().numpy()
+                zeros = stats.stacked_zero_counts(g, self._numel_t) / self._numel_t
+                values[broken, :, COL["grad_zero_frac"]] = zeros.cpu().numpy()
+        self._emit(values)
+        # keep only what belongs to a step not yet complete
+        self._steps.clear()
+        self._inv_scale = self._inv_scale[n:]
+        self._rows = self._rows[n:]
+        if keep_current:  # the step being captured has only folded in its signal so far: move it to slot 0
+            self._bp_sq[0] = self._bp_sq[n]
+        else:
+            self._inv_scale, self._rows = [], []
+
+    def _emit(self, values: np.ndarray):
+        for step, v in zip(self._steps, values):
+            if self.trace is not None:
+                self.trace.append(step, v)
+            if step % self.log_every_n_steps == 0 and self._loggers:
+                metrics = self.metrics(v, self.act_layers)
+                for logger in self._loggers:
+                    logger.log_metrics(metrics, step=step)
 
     @staticmethod
     def metrics(values: np.ndarray, act_layers: set[int]) -> dict[str, float]:
@@ -183,7 +378,7 @@ class GradientStatsCallback(L.Callback):
                 if stat.startswith("act_") and i not in act_layers:
                     continue
                 out[layer_key(stat, i)] = v
-        ratio = float(stats.backprop_ratio(torch.from_numpy(values[:, stats.LAYER_STATS.index("backprop_norm")])))
+        ratio = float(stats.backprop_ratio(torch.from_numpy(values[:, COL["backprop_norm"]])))
         if not np.isnan(ratio):
             out["backprop_ratio"] = ratio
         return out

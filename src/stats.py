@@ -1,12 +1,15 @@
 """Per-layer gradient statistics as pure functions of tensors.
 
-Each function takes one tensor per layer and returns a float tensor [n_layers, n_stats] on their
-device, so a caller syncs with the host once for all layers. They run under no_grad: nothing is recorded
-for autograd and no input needs detaching. They are written for cost: small layers are zero-padded into
-one matrix so each statistic is one op for all of them, large ones get the cheapest whole-tensor
-reductions (`_foreach_norm`, `sum`, `aminmax`, `count_nonzero`), and std is derived from the norm and the
-sum rather than the slow Welford `std_mean`. Activations of one kind and size are stacked likewise.
-tests/reference_stats.py holds the plain per-tensor formulas these must agree with.
+Two layouts, one set of formulas:
+- *stacked*: many steps of small layers at once. A layer's tensor lives, flattened and zero-padded, in a
+  row of a [steps, layers, max numel] matrix, so each statistic is one op for all steps and layers (per-op
+  dispatch, ~5 us on a CPU, is what costs on a small net, not arithmetic). Padding zeros change no sum,
+  norm or max |x|; zero counts subtract them.
+- *per tensor*: one step of big layers, each reduced whole (the arithmetic dominates there; row-wise
+  reductions of big matrices measured slower than whole-tensor ones).
+Every function runs under no_grad and returns float32 [..., layers, stats] on the input's device, so a
+caller syncs with the host once for many steps. tests/reference_stats.py holds the plain per-tensor
+formulas these must agree with.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 GRAD_STATS = ("grad_norm", "grad_mean", "grad_std", "grad_absmax", "grad_zero_frac")
 ACT_STATS = ("act_mean", "act_std", "act_saturation")
@@ -24,48 +26,111 @@ WEIGHT_STATS = ("weight_mean", "weight_std")
 LAYER_STATS = GRAD_STATS + ("grad_nonfinite", "backprop_norm") + ACT_STATS + WEIGHT_STATS + ("update_ratio",)
 
 
-# Below this many elements in all, layers are zero-padded into one [L, max numel] matrix and every
-# statistic is one op for all layers (per-op dispatch, ~5 us, dominates there). Above it, whole-tensor
-# reductions per layer: the arithmetic dominates, and dim-wise reductions of big matrices measured 4-8x
-# slower than whole-tensor ones.
-PAD_TOTAL_NUMEL = 1 << 18
-
-
-def _reduce(tensors: Sequence[Tensor], extremes: bool) -> Tensor:
-    """[L, 3] float64 per tensor: numel, sum, L2 norm; with `extremes`, [L, 5]: also max |x| and the
-    number of exact zeros."""
-    tensors = [t.reshape(-1) for t in tensors]
-    numel = [t.numel() for t in tensors]
-    n = torch.tensor(numel, dtype=torch.float64, device=tensors[0].device)
-    if sum(numel) <= PAD_TOTAL_NUMEL:
-        x = pad_sequence(tensors, batch_first=True)  # padding zeros change no sum, norm or max |x|
-        cols = [x.sum(1), torch.linalg.vector_norm(x, dim=1)]
-        if extremes:
-            cols += [x.abs().amax(1), n - torch.count_nonzero(x, dim=1)]  # zeros = numel - non-zeros
-    else:
-        cols = [torch.stack([t.sum() for t in tensors]), torch.stack(torch._foreach_norm(tensors))]
-        if extremes:
-            lo, hi = (torch.stack(v) for v in zip(*(torch.aminmax(t) for t in tensors)))
-            cols += [torch.maximum(hi, -lo), n - torch.stack([torch.count_nonzero(t) for t in tensors])]
-    return torch.stack([n, *(c.double() for c in cols)], dim=1)
-
-
-def _mean_std(r: Tensor) -> tuple[Tensor, Tensor]:
-    """mean and population std from a _reduce table: var = ||x||^2/n - mean^2, combined in float64.
+def _mean_std(n: Tensor, total: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
+    """mean and population std from count, sum and L2 norm: var = ||x||^2/n - mean^2, in float64.
     ||x|| comes from a float32 reduction (float64 ones cost 3-6x more), so std carries an absolute error
     of about 3e-4 * |mean|: exact enough for weights and gradients, whose std is not << their mean."""
-    n, total, norm = r[:, 0], r[:, 1], r[:, 2]
+    n, total, norm = n.double(), total.double(), norm.double()
     mean = total / n
     return mean, (norm * norm / n - mean * mean).clamp_min(0).sqrt()
 
 
+def _grad_columns(n: Tensor, total: Tensor, norm: Tensor, absmax: Tensor, nonzero: Tensor) -> Tensor:
+    mean, std = _mean_std(n, total, norm)
+    return torch.stack([norm.double(), mean, std, absmax.double(), 1 - nonzero.double() / n], dim=-1).float()
+
+
+# ---- stacked layout: [..., layers, max numel], zero-padded ------------------------------------------
+@torch.no_grad()
+def stacked_gradient_stats(g: Tensor, numel: Tensor) -> Tensor:
+    """[..., L, 5] (the GRAD_STATS columns) from zero-padded gradients g [..., L, M]; numel [L] is each
+    layer's true size. NaN/Inf propagate into norm, mean and std: a broken gradient never reads as a number
+    (nor does its zero fraction: count those rows' zeros with `stacked_zero_counts`).
+
+    Only reductions CPU kernels vectorise along the last dim (sum, norm, amax, amin): aminmax,
+    count_nonzero and sums of booleans along a dim measured 10-40x slower, so non-zeros are counted
+    as sum |sign(g)|."""
+    absmax = torch.maximum(g.amax(-1), -g.amin(-1))
+    nonzero = g.sign().abs_().sum(-1)
+    return _grad_columns(numel, g.sum(-1), torch.linalg.vector_norm(g, dim=-1), absmax, nonzero)
+
+
+@torch.no_grad()
+def stacked_weight_stats(before: Tensor, after: Tensor, numel: Tensor) -> Tensor:
+    """[..., L, 3]: mean and std of the weights after the step and ||W_after - W_before|| / ||W_after||,
+    from zero-padded weights [..., L, M]."""
+    norm = torch.linalg.vector_norm(after, dim=-1)
+    mean, std = _mean_std(numel, after.sum(-1), norm)
+    step = torch.linalg.vector_norm(after - before, dim=-1)
+    return torch.stack([mean, std, step.double() / norm.double().clamp_min(1e-30)], dim=-1).float()
+
+
+@torch.no_grad()
+def stacked_nonfinite_counts(x: Tensor) -> Tensor:
+    """[..., L]: number of NaN/Inf entries per row of x [..., L, M] (only worth its cost when a norm came
+    out non-finite)."""
+    return (~torch.isfinite(x)).sum(-1).float()
+
+
+@torch.no_grad()
+def stacked_zero_counts(x: Tensor, numel: Tensor) -> Tensor:
+    """[..., L]: number of exact zeros per row of zero-padded x [..., L, M] whose rows hold numel [L] true
+    entries (the exact count where NaN makes the fast one in stacked_gradient_stats NaN)."""
+    return (x == 0).sum(-1).double() - (x.shape[-1] - numel)
+
+
+@torch.no_grad()
+def stacked_activation_stats(
+    pre: Tensor,
+    activation: Callable[[Tensor], Tensor],
+    derivative: Callable[[Tensor], Tensor],
+    max_derivative: float,
+    threshold: float,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """[..., L, 3] from pre-activations s [..., L, B, W] of layers followed by the same activation module:
+    mean and std of f(s), and the saturated fraction of units x samples, where f'(s) < threshold * max f'
+    (a saturated sigmoid/tanh, a dead ReLU). `rows` [...] (optional): how many of the B rows are real
+    samples (a short last batch); the rest are ignored."""
+    # f(s) recomputed: the same op as the forward pass, so the same values. All in float32: float64 copies
+    # and boolean-to-float conversions of [steps, layers, batch, width] measured 5-20x slower than float32
+    # arithmetic. Each layer is shifted by one of its own values, an exact float32 difference, so that the
+    # spread of a saturated layer (all ~1 - 1e-6) survives the one-pass variance below.
+    a = activation(pre).float()
+    d = a - a[..., :1, :1]
+    # 1 where f'(s) < threshold * max f', else 0 (sign(0) = 0: the comparison is strict)
+    saturated = (threshold * max_derivative - derivative(pre).float()).sign_().clamp_min_(0)
+    if rows is None:
+        n = torch.tensor(float(pre.shape[-1] * pre.shape[-2]), dtype=torch.float64, device=pre.device)
+    else:
+        keep = (torch.arange(pre.shape[-2], device=pre.device) < rows[..., None]).float()[..., None, :, None]
+        d, saturated = d * keep, saturated * keep
+        n = (rows.double() * pre.shape[-1])[..., None]  # [..., 1]: real entries per layer
+    d, saturated = d.flatten(-2), saturated.flatten(-2)  # contiguous last dim: the fast reductions
+    shift, sat = a[..., 0, 0].double(), saturated.sum(-1).double()
+    mean_d, std = _mean_std(n, d.sum(-1), torch.linalg.vector_norm(d, dim=-1))
+    return torch.stack([shift + mean_d, std, sat / n], dim=-1).float()
+
+
+# ---- per tensor: one step, layers reduced whole -------------------------------------------------------
 @torch.no_grad()
 def gradient_stats(grads: Sequence[Tensor]) -> Tensor:
-    """[L, 5]: norm, mean, std, max |g|, fraction of exact zeros (the GRAD_STATS columns).
-    NaN/Inf propagate into norm, mean and std, so a broken gradient is never reported as a number."""
-    r = _reduce(grads, extremes=True)
-    mean, std = _mean_std(r)
-    return torch.stack([r[:, 2], mean, std, r[:, 3], r[:, 4] / r[:, 0]], dim=1).float()
+    """[L, 5]: norm, mean, std, max |g|, fraction of exact zeros (the GRAD_STATS columns), one row per
+    tensor of any shape. Whole-tensor passes per layer (sum, max, min, non-zeros as sum |sign g|: 4-10x
+    cheaper than count_nonzero or aminmax here) and one norm op for all; NaN makes the zero fraction
+    NaN too (count those with `zero_fractions`)."""
+    flat = [g.reshape(-1) for g in grads]
+    numel = torch.tensor([t.numel() for t in flat], dtype=torch.float64, device=flat[0].device)
+    cols = torch.stack([t.sum() for t in flat] + [t.amax() for t in flat] + [t.amin() for t in flat]
+                       + [t.sign().abs_().sum() for t in flat] + list(torch._foreach_norm(flat)))
+    total, hi, lo, nonzero, norm = cols.view(5, -1)
+    return _grad_columns(numel, total, norm, torch.maximum(hi, -lo), nonzero)
+
+
+@torch.no_grad()
+def zero_fractions(tensors: Sequence[Tensor]) -> Tensor:
+    """[L]: fraction of exact zeros per tensor, counted exactly (NaN and Inf are not zeros)."""
+    return torch.stack([(t == 0).sum() / t.numel() for t in tensors]).float()
 
 
 @torch.no_grad()
@@ -75,48 +140,15 @@ def nonfinite_counts(tensors: Sequence[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def weight_stats(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
-    """[L, 3]: mean and std of the weights after the step, and the step's relative size
-    ||W_after - W_before|| / ||W_after||."""
-    r = _reduce(after, extremes=False)
-    mean, std = _mean_std(r)
-    step = torch.stack(torch._foreach_norm(torch._foreach_sub(list(after), list(before))))
-    return torch.stack([mean, std, step.double() / r[:, 2].clamp_min(1e-30)], dim=1).float()
-
-
-@torch.no_grad()
-def backprop_sq_norms(signals: Sequence[Tensor]) -> Tensor:
-    """[L]: ||dL/ds||^2 per layer; squared so that micro-batches of one step add up."""
-    norms = torch.stack(torch._foreach_norm(list(signals))).double()
-    return norms * norms
-
-
-@torch.no_grad()
-def activation_stats(
-    outputs: Sequence[Tensor],
-    pre_activations: Sequence[Tensor],
-    derivatives: Sequence[Callable[[Tensor], Tensor]],
-    max_derivatives: Sequence[float],
-    threshold: float,
-) -> Tensor:
-    """[L, 3]: mean and std of each activation output, and the saturated fraction of units x samples:
-    where f'(s) < threshold * max f' (a saturated sigmoid/tanh, a dead ReLU).
-
-    Layers with the same activation and the same output size are stacked and reduced together."""
-    out = torch.empty(len(outputs), 3, dtype=torch.float64, device=outputs[0].device)
-    groups: dict[tuple, list[int]] = {}
-    for i, (a, fprime) in enumerate(zip(outputs, derivatives)):
-        groups.setdefault((fprime, max_derivatives[i], a.numel()), []).append(i)
-    for (fprime, fmax, numel), idx in groups.items():
-        a = torch.stack([outputs[i].reshape(-1) for i in idx]).double()  # batch x width: small
-        s = torch.stack([pre_activations[i].reshape(-1) for i in idx])
-        # centred two-pass std: a saturated sigmoid layer has std << mean, where the shortcut above fails
-        mean = a.mean(dim=1, keepdim=True)
-        std = torch.linalg.vector_norm(a - mean, dim=1) / numel ** 0.5
-        mean = mean[:, 0]
-        saturated = (fprime(s) < threshold * fmax).sum(dim=1).double() / numel
-        out[idx] = torch.stack([mean, std, saturated], dim=1)
-    return out.float()
+def weight_stats(after: Sequence[Tensor], delta: Sequence[Tensor]) -> Tensor:
+    """[L, 3]: mean and std of the weights after the step, and the step's relative size ||delta|| / ||W_after||
+    (delta = W_after - W_before, or its negative)."""
+    numel = torch.tensor([t.numel() for t in after], dtype=torch.float64, device=after[0].device)
+    cols = torch.stack([t.sum() for t in after] + list(torch._foreach_norm(list(after)))
+                       + list(torch._foreach_norm(list(delta))))
+    total, norm, step = cols.view(3, -1)
+    mean, std = _mean_std(numel, total, norm)
+    return torch.stack([mean, std, step.double() / norm.double().clamp_min(1e-30)], dim=-1).float()
 
 
 def backprop_ratio(backprop_norms: Tensor) -> Tensor:

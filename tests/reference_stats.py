@@ -49,8 +49,8 @@ def activation_stats(
 
 
 def update_ratio(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
-    """[L]: ||W_after - W_before|| / ||W_before|| per layer (relative size of one optimizer step)."""
+    """[L]: ||W_after - W_before|| / ||W_after|| per layer (relative size of the step actually taken)."""
     return torch.stack([
-        torch.linalg.vector_norm((a.float() - b.float())) / torch.linalg.vector_norm(b.float()).clamp_min(1e-30)
+        torch.linalg.vector_norm((a.float() - b.float())) / torch.linalg.vector_norm(a.float()).clamp_min(1e-30)
         for b, a in zip(before, after)
     ])

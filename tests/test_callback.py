@@ -10,9 +10,12 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from src import callback
 from src.callback import GradientStatsCallback
+from src.registry import ACTIVATION_BY_TYPE, ACTIVATIONS
 from src.stats import LAYER_STATS
 from src.trace import read_trace
+from tests import reference_stats as ref
 
 
 class ListLogger(Logger):
@@ -120,13 +123,17 @@ def test_gradient_accumulation_reports_the_optimizer_step(tmp_path):
         assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
 
 
-def test_non_finite_gradients_are_counted_not_dropped(tmp_path):
+@pytest.mark.parametrize("path", ["stacked", "per_tensor"])
+def test_non_finite_gradients_are_counted_not_dropped(tmp_path, monkeypatch, path):
+    if path == "per_tensor":
+        monkeypatch.setattr(callback, "STACK_MAX_NUMEL", 0)
     x = X.copy()
     x[0, 0] = np.inf  # one poisoned input: NaN/Inf in the first layer's weight gradient
     logger, cb = fit(tmp_path, x=x)
     [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
     assert m["grad_nonfinite/layer_00"] > 0
     assert np.isnan(m["grad_norm/layer_00"])
+    assert 0.0 <= m["grad_zero_frac/layer_00"] <= 1.0  # still counted exactly
     assert read_trace(cb.trace_path)["grad_nonfinite"][0, 0] == m["grad_nonfinite/layer_00"]
 
 
@@ -159,3 +166,134 @@ def test_fails_loudly_without_linear_layers(tmp_path):
                         enable_checkpointing=False, accelerator="cpu")
     with pytest.raises(ValueError, match="no nn.Linear"):
         cb.setup(trainer, NoLinear(), "fit")
+
+
+class PlainStats(L.Callback):
+    """The reference: every statistic of every layer at every step, one tensor at a time with the textbook
+    formulas of tests/reference_stats.py, from its own hooks (no buffering, no batching)."""
+
+    def __init__(self):
+        self.rows: dict[int, np.ndarray] = {}
+
+    def setup(self, trainer, pl_module, stage):
+        self.linears = [m for m in pl_module.modules() if isinstance(m, nn.Linear)]
+        self.entry = {}
+        for i, lin in enumerate(self.linears):
+            lin.register_forward_hook(self._keep(i))
+        for m in pl_module.modules():
+            if type(m) in ACTIVATION_BY_TYPE:
+                m.register_forward_hook(self._keep_act)
+
+    def _keep(self, i):
+        def hook(module, inputs, out):
+            if module.training:
+                self.last = i
+                out.register_hook(lambda g: self.signal.__setitem__(i, g))
+        return hook
+
+    def _keep_act(self, module, inputs, out):
+        if module.training:
+            self.acts[self.last] = (out, inputs[0], ACTIVATION_BY_TYPE[type(module)])
+
+    def on_train_batch_start(self, *args):
+        self.signal, self.acts = {}, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        w = [lin.weight for lin in self.linears]
+        self.grads = [x.grad.clone() for x in w]
+        self.before = [x.detach().clone() for x in w]
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, *args):
+        after = [lin.weight.detach() for lin in self.linears]
+        table = np.full((len(after), len(LAYER_STATS)), np.nan)
+        col = {s: j for j, s in enumerate(LAYER_STATS)}
+        table[:, :5] = ref.moments(self.grads).numpy()
+        table[:, col["grad_nonfinite"]] = [(~torch.isfinite(g)).sum().item() for g in self.grads]
+        table[:, col["backprop_norm"]] = ref.norms([self.signal[i] for i in range(len(after))]).numpy()
+        idx = sorted(self.acts)
+        a, s, e = zip(*(self.acts[i] for i in idx))
+        table[idx, col["act_mean"]:col["act_saturation"] + 1] = ref.activation_stats(
+            a, s, [x.derivative for x in e], [x.max_derivative for x in e], 0.05).numpy()
+        table[:, col["weight_mean"]:col["weight_std"] + 1] = ref.mean_std(after).numpy()
+        table[:, col["update_ratio"]] = ref.update_ratio(self.before, after).numpy()
+        self.rows[self.step] = table
+
+
+class MLP(L.LightningModule):
+    def __init__(self, act: str, widths=(16, 16, 8, 16)):
+        super().__init__()
+        torch.manual_seed(0)
+        sizes = [4, *widths]
+        layers = []
+        for i, o in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(i, o), ACTIVATIONS[act].make()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+@pytest.mark.parametrize("act,every,path", [("sigmoid", 1, "stacked"), ("relu", 1, "per_tensor"), ("tanh", 2, "stacked"),
+                                            ("sigmoid", 2, "per_tensor")])
+def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, monkeypatch, path, act, every):
+    """30 steps, statistics flushed every 6 recorded steps; batches of 4, then 32, then 32-sample epochs
+    with a short last batch (5): buffers grow once and partly-filled activation rows are ignored."""
+    if path == "per_tensor":
+        monkeypatch.setattr(callback, "STACK_MAX_NUMEL", 0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(101, 4, generator=g) * 3, torch.randint(0, 3, (101,), generator=g)
+    batches = [list(range(4))] + [list(range(i, min(i + 32, 101))) for i in range(0, 101, 32)] * 12
+    data = DataLoader(TensorDataset(x, y), batch_sampler=batches)
+    logger, plain = ListLogger(), PlainStats()
+    cb = GradientStatsCallback(every_n_steps=every, log_every_n_steps=2 * every, ring_steps=6,
+                               trace_path=tmp_path / "t.parquet", trace_chunk_steps=7)
+    trainer = L.Trainer(max_steps=30, logger=logger, callbacks=[plain, cb], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(MLP(act), data)
+    trace = read_trace(cb.trace_path)
+    assert trace["steps"].tolist() == list(range(0, 30, every))
+    for j, stat in enumerate(LAYER_STATS):
+        expected = np.stack([plain.rows[s][:, j] for s in trace["steps"]])
+        np.testing.assert_allclose(trace[stat], expected, rtol=2e-4, atol=1e-6, err_msg=stat)
+    logged = {s: m for s, m in logger.records if any("/layer_" in k for k in m)}
+    assert sorted(logged) == list(range(0, 30, 2 * every))  # each with its own step number
+    for s, m in logged.items():
+        assert m["grad_norm/layer_02"] == pytest.approx(plain.rows[s][2, 0], rel=2e-4)
+        assert m["act_saturation/layer_01"] == pytest.approx(plain.rows[s][1, LAYER_STATS.index("act_saturation")])
+
+
+def test_a_net_without_activation_modules(tmp_path):
+    """Linear layers only: weight and signal statistics every step, no act_* keys, nothing fails."""
+    class Linears(TwoLayer):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return ((self.fc2(self.fc1(x)) - y) ** 2).mean()
+
+    logger = ListLogger()
+    cb = GradientStatsCallback(log_every_n_steps=1, ring_steps=2, trace_path=tmp_path / "t.parquet")
+    data = DataLoader(TensorDataset(torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)))
+    L.Trainer(max_steps=3, logger=logger, callbacks=[cb], enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, accelerator="cpu").fit(Linears(), data)
+    logged = [(s, m) for s, m in logger.records if any("/layer_" in k for k in m)]
+    assert [s for s, _ in logged] == [0, 1, 2]
+    assert not any(k.startswith("act_") for _, m in logged for k in m)
+    assert np.isnan(read_trace(cb.trace_path)["act_mean"]).all()
+
+
+def test_mixed_precision_reports_unscaled_gradients_and_signal(tmp_path):
+    """fp16 autocast with a loss scale of 1024: the tensor hooks see a 1024x larger signal and the weight
+    gradients are unscaled before on_before_optimizer_step; both must come out at their true size."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    logger, _ = fit(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    h = hand_backprop()
+    for i, (dW, d) in enumerate(((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
+        assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=5e-3)
+        assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=5e-3)

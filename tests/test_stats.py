@@ -30,15 +30,6 @@ def test_gradient_stats_one_row_per_tensor_any_shape():
     assert out[1].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, 1.0])
 
 
-def test_activation_std_is_exact_when_saturated():
-    s = torch.full((32, 16), 12.0) + torch.linspace(0, 1e-2, 16)  # every unit deep in saturation
-    a = torch.sigmoid(s.double()).float()
-    sig = ACTIVATIONS["sigmoid"]
-    ((mean, std, sat),) = stats.activation_stats([a], [s], [sig.derivative], [0.25], 0.05).tolist()
-    assert sat == 1.0
-    assert std == pytest.approx(a.double().std(correction=0).item(), rel=1e-3, abs=1e-9)
-
-
 @pytest.mark.parametrize("shapes", [[(64, 64)] * 10 + [(10, 64)], [(256, 64), (256, 256), (3, 256)], [(5,)]])
 def test_gradient_stats_match_reference(shapes):
     g = torch.Generator().manual_seed(0)
@@ -52,34 +43,78 @@ def test_non_finite_gradients_are_visible_and_counted():
     (row,) = stats.gradient_stats([g])
     assert math.isnan(row[0]) and math.isnan(row[1]) and math.isnan(row[2])
     assert stats.nonfinite_counts([g, torch.ones(3)]).tolist() == [2.0, 0.0]
+    assert stats.zero_fractions([torch.tensor([0.0, float("nan"), 1.0, 0.0])]).tolist() == [0.5]
+
+
+def _padded(tensors):
+    """[L, max numel] zero-padded rows, as the callback's ring buffers hold them, and the true sizes."""
+    width = max(t.numel() for t in tensors)
+    out = torch.zeros(len(tensors), width)
+    for i, t in enumerate(tensors):
+        out[i, :t.numel()] = t.reshape(-1)
+    return out, torch.tensor([t.numel() for t in tensors], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shapes", [[(64, 64)] * 10 + [(10, 64)], [(256, 64), (256, 256), (3, 256)], [(5,)]])
+def test_stacked_gradient_stats_match_reference_step_by_step(shapes):
+    g = torch.Generator().manual_seed(3)
+    steps = []
+    for _ in range(3):
+        ts = [torch.randn(s, generator=g) * 10 ** torch.randint(-8, 2, (1,), generator=g).item() for s in shapes]
+        ts[-1][ts[-1].abs() < ts[-1].abs().median()] = 0
+        steps.append(ts)
+    stacked, numel = zip(*(_padded(ts) for ts in steps))
+    got = stats.stacked_gradient_stats(torch.stack(stacked), numel[0])
+    assert got.shape == (3, len(shapes), len(stats.GRAD_STATS))
+    for k, ts in enumerate(steps):
+        torch.testing.assert_close(got[k], ref.moments(ts), rtol=1e-4, atol=0)
+
+
+def test_stacked_nonfinite_counts():
+    x, _ = _padded([torch.tensor([1.0, float("nan"), float("inf"), 2.0]), torch.ones(3)])
+    assert stats.stacked_nonfinite_counts(x[None]).tolist() == [[2.0, 0.0]]
+    (row,) = stats.stacked_gradient_stats(x, torch.tensor([4.0, 3.0]))[:1]
+    assert math.isnan(row[0]) and math.isnan(row[1]) and math.isnan(row[2])
 
 
 def test_weight_stats_by_hand():
     before, after = [torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 4.5])]
-    ((mean, std, ratio),) = stats.weight_stats(before, after).tolist()
+    ((mean, std, ratio),) = stats.weight_stats(after, [b - a for a, b in zip(after, before)]).tolist()
     assert mean == pytest.approx(3.75) and std == pytest.approx(0.75)
     assert ratio == pytest.approx(0.5 / math.hypot(3.0, 4.5))
 
 
-def test_weight_stats_match_reference():
+def test_weight_stats_match_reference_both_layouts():
     g = torch.Generator().manual_seed(1)
     before = [torch.randn(64, 32, generator=g) + 0.1, torch.randn(10, 64, generator=g)]
     after = [b - 1e-3 * torch.randn(b.shape, generator=g) for b in before]
-    got = stats.weight_stats(before, after)
-    torch.testing.assert_close(got[:, :2], ref.mean_std(after), rtol=1e-4, atol=1e-7)
     expected_ratio = ref.norms([a - b for a, b in zip(after, before)]) / ref.norms(after)
-    torch.testing.assert_close(got[:, 2], expected_ratio, rtol=1e-4, atol=0)
+    per_tensor = stats.weight_stats(after, [b - a for a, b in zip(after, before)])
+    (pb, numel), (pa, _) = _padded(before), _padded(after)
+    stacked = stats.stacked_weight_stats(pb[None], pa[None], numel)[0]
+    for got in (per_tensor, stacked):
+        torch.testing.assert_close(got[:, :2], ref.mean_std(after), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got[:, 2], expected_ratio, rtol=1e-4, atol=0)
 
 
-def test_backprop_sq_norms():
-    assert stats.backprop_sq_norms([torch.tensor([3.0, 4.0]), torch.ones(2, 2)]).tolist() == pytest.approx([25.0, 4.0])
+SIG, RELU = ACTIVATIONS["sigmoid"], ACTIVATIONS["relu"]
+
+
+def _act(pre, entry, module, rows=None):
+    return stats.stacked_activation_stats(pre, module, entry.derivative, entry.max_derivative, 0.05, rows)
+
+
+def test_activation_std_is_exact_when_saturated():
+    s = torch.full((32, 16), 12.0) + torch.linspace(0, 1e-2, 16)  # every unit deep in saturation
+    ((mean, std, sat),) = _act(s[None], SIG, torch.sigmoid).tolist()
+    assert sat == 1.0
+    assert std == pytest.approx(torch.sigmoid(s).double().std(correction=0).item(), rel=1e-3, abs=1e-9)
 
 
 def test_activation_stats_sigmoid_saturation_by_hand():
     s = torch.tensor([[0.0, 10.0], [-10.0, 1.0]])
     a = torch.sigmoid(s)
-    sig = ACTIVATIONS["sigmoid"]
-    ((mean, std, sat),) = stats.activation_stats([a], [s], [sig.derivative], [sig.max_derivative], 0.05).tolist()
+    ((mean, std, sat),) = _act(s[None], SIG, torch.sigmoid).tolist()
     # sigmoid'(+-10) = 4.5e-5 < 0.05 * 0.25; sigmoid'(0) = 0.25 and sigmoid'(1) = 0.197 are not
     assert sat == pytest.approx(0.5)
     assert mean == pytest.approx(a.mean().item())
@@ -87,24 +122,25 @@ def test_activation_stats_sigmoid_saturation_by_hand():
 
 
 def test_activation_stats_dead_relu_by_hand():
-    s = torch.tensor([-1.0, 2.0, 0.0, 3.0])
-    relu = ACTIVATIONS["relu"]
-    ((mean, std, dead),) = stats.activation_stats([s.clamp_min(0)], [s], [relu.derivative], [1.0], 0.05).tolist()
+    s = torch.tensor([[-1.0, 2.0], [0.0, 3.0]])
+    ((mean, std, dead),) = _act(s[None], RELU, torch.relu).tolist()
     assert dead == pytest.approx(0.5)
     assert mean == pytest.approx(1.25)
 
 
-def test_activation_stats_mixed_groups_match_reference():
-    """Layers of different activations and sizes are grouped and stacked; the result keeps layer order."""
+@pytest.mark.parametrize("name", ["sigmoid", "relu", "tanh", "gelu", "elu"])
+def test_stacked_activation_stats_match_reference_with_short_batches(name):
+    """Steps x layers at once; a step whose batch is short (the last of an epoch) ignores the stale rows."""
     g = torch.Generator().manual_seed(2)
-    names = ["sigmoid", "sigmoid", "relu", "sigmoid", "tanh"]
-    sizes = [(32, 16), (32, 16), (32, 16), (32, 8), (32, 16)]
-    s = [torch.randn(sz, generator=g) * 4 for sz in sizes]
-    acts = [ACTIVATIONS[n] for n in names]
-    a = [torch.nn.functional.sigmoid(x) if n == "sigmoid" else x.clamp_min(0) if n == "relu" else x.tanh()
-         for x, n in zip(s, names)]
-    args = (a, s, [x.derivative for x in acts], [x.max_derivative for x in acts], 0.05)
-    torch.testing.assert_close(stats.activation_stats(*args), ref.activation_stats(*args), rtol=1e-4, atol=1e-6)
+    entry, module = ACTIVATIONS[name], ACTIVATIONS[name].make()
+    pre = torch.randn(4, 3, 32, 16, generator=g) * 4  # steps x layers x batch x width
+    rows = torch.tensor([32, 7, 32, 1])
+    got = _act(pre, entry, module, rows)
+    for k, r in enumerate(rows.tolist()):
+        s = list(pre[k, :, :r])
+        expected = ref.activation_stats([module(x) for x in s], s, [entry.derivative] * 3, [entry.max_derivative] * 3, 0.05)
+        torch.testing.assert_close(got[k], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_act(pre, entry, module)[0], got[0])  # all rows real: the same numbers
 
 
 def test_backprop_ratio_is_first_over_last_hidden_layer():
