@@ -18,6 +18,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import optuna
 from filelock import FileLock
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -252,6 +253,15 @@ def _storage(study: optuna.Study):
     return study._storage
 
 
+def _requeue(study: optuna.Study, failed: FrozenTrial, policy: Policy) -> None:
+    """Queue the failed trial's point again, as a new trial that records which one it retries, unless it has
+    had its `max_retries` already. Optuna's retry callback does exactly this (it is experimental, hence the
+    filter); it was written for stale heartbeats, and serves as well for a trial that raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=policy.max_retries)(study, failed)
+
+
 def _transition_lock(study: optuna.Study):
     storage = _storage(study)  # Optuna wraps an RDBStorage in a cache layer that keeps it as `_backend`
     return getattr(storage, "_gradflow_transition_lock", None) or getattr(
@@ -286,7 +296,7 @@ def fail_stale(study: optuna.Study, policy: Policy, on_failed: Callable[[FrozenT
             continue
         frozen = _storage(study).get_trial(t._trial_id)
         on_failed(frozen)
-        RetryFailedTrialCallback(max_retry=policy.max_retries)(study, frozen)
+        _requeue(study, frozen, policy)
         failed.append(t.number)
     return failed
 
@@ -309,6 +319,8 @@ def claim(study: optuna.Study, grid: bool) -> optuna.Trial | None:
             trial = study.ask()  # pops a queued (retried) trial first, else samples a new one
     _storage(study).set_trial_system_attr(trial._trial_id, WORKER, f"{socket.gethostname()}:{os.getpid()}")
     beat(study, trial._trial_id)
+    if trial.user_attrs.get("error"):  # a retry inherits its predecessor's user attributes; the error is not its own
+        trial.set_user_attr("error", "")
     return trial
 
 
@@ -386,7 +398,7 @@ def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, policy: P
         outcome.retry = False
     frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     if outcome.retry:
-        RetryFailedTrialCallback(max_retry=policy.max_retries)(study, frozen)
+        _requeue(study, frozen, policy)
     return TrialState.FAIL
 
 
