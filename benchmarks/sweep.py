@@ -29,7 +29,7 @@ from src import sweep  # noqa: E402
 GRID = ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"]
 
 
-def run_sweep(tmp: Path, workers: int, epochs: int) -> tuple[float, list[float]]:
+def run_sweep(tmp: Path, workers: int, epochs: int) -> tuple[float, list[float], list[float]]:
     storage, uri = f"journal:{tmp}/w{workers}.journal", f"sqlite:///{tmp}/w{workers}.db"
     cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *GRID, f"trainer.max_epochs={epochs}",
            "tracking.plots=true", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
@@ -40,12 +40,13 @@ def run_sweep(tmp: Path, workers: int, epochs: int) -> tuple[float, list[float]]
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name="gradflow-grid", storage=sweep.open_storage(storage))
     client = MlflowClient(uri)
-    overheads = []
+    overheads, fits = [], []
     for t in study.get_trials():
         assert t.state.name == "COMPLETE", (t.number, t.state, t.user_attrs.get("error"))
         fit = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["time/fit_s"]
         overheads.append((t.datetime_complete - t.datetime_start).total_seconds() - fit)
-    return wall, overheads
+        fits.append(fit)
+    return wall, overheads, fits
 
 
 def main() -> None:
@@ -53,11 +54,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gradflow-bench-") as tmp:
-        one, over = run_sweep(Path(tmp), 1, args.epochs)
-        two, _ = run_sweep(Path(tmp), 2, args.epochs)
+        one, over, fit1 = run_sweep(Path(tmp), 1, args.epochs)
+        two, over2, fit2 = run_sweep(Path(tmp), 2, args.epochs)
     print(f"8-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores")
-    print(f"{'workers':>8} {'wall s':>8}")
-    print(f"{1:>8} {one:8.1f}\n{2:>8} {two:8.1f}")
+    print(f"{'workers':>8} {'wall s':>8} {'fit s/trial':>12} {'overhead s/trial':>17}")
+    for n, wall, fit, ov in ((1, one, fit1, over), (2, two, fit2, over2)):
+        print(f"{n:>8} {wall:8.1f} {statistics.mean(fit):12.2f} {statistics.median(ov):17.2f}")
     print(f"per-trial overhead (trial wall - fit), 1 worker: median {statistics.median(over):.2f} s, "
           f"max {max(over):.2f} s")
     print(f"workers_2_vs_1={two / one:.3f}")

@@ -61,19 +61,19 @@ def run(sw, arguments: list[str]) -> None:
     else:
         sweep.log(f"study {sw.study_name!r} in {where}: {type(sampler).__name__}, {sw.n_trials} trials over "
                   f"{', '.join(space)}; MLflow parent run {parent_id}")
-    siblings = _start_siblings(sw)
     ctx = {"sw": sw, "study": study, "space": space, "fixed": fixed, "policy": policy, "mlflow": mlflow,
            "parent_id": parent_id, "metric": metric, "grid": is_grid, "points": points, "started": time.time(),
            "durations": []}
+    siblings = _start_siblings(sw, ctx)
     try:
         _work(ctx)
     except KeyboardInterrupt:
         sweep.log("interrupted: the running point is queued again; rerun the same command to resume")
         for p in siblings:  # they got the same Ctrl-C from the terminal; give them time to re-queue theirs
-            p.wait(60) if p.poll() is None else None
+            p.join(60)
         sys.exit(130)
     for p in siblings:
-        p.wait()
+        p.join()
     _finish_study(ctx)
 
 
@@ -228,29 +228,38 @@ def _threads(sw) -> int:
     return int(sw.torch_threads or max(1, (os.cpu_count() or 1) // int(sw.n_jobs or 1)))
 
 
-def _start_siblings(sw) -> list[subprocess.Popen]:
-    """n_jobs > 1: the same command, n_jobs - 1 more times, each a worker of the same study."""
+def _start_siblings(sw, ctx: dict) -> list:
+    """n_jobs > 1: n_jobs - 1 more workers of the same study, forked from this one once it has joined the
+    study (a fork costs milliseconds; a fresh interpreter would spend seconds importing torch again)."""
     n = int(sw.n_jobs or 1)
-    if n <= 1:
-        return []
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    entry = ["-m", spec.name] if spec else [sys.argv[0]]
-    logs = Path(str(sw.config.hydra.sweep.dir)) / "workers"
-    logs.mkdir(parents=True, exist_ok=True)
     gpus = [str(g) for g in (sw.gpus or [])]
-    procs = []
-    for i in range(1, n):
-        env = dict(os.environ, GRADFLOW_WORKER_INDEX=str(i))
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        out = open(logs / f"worker-{i}.log", "ab")
-        procs.append(subprocess.Popen([sys.executable, *entry, *sys.argv[1:], "hydra.sweeper.n_jobs=1",
-                                       f"hydra.sweeper.torch_threads={_threads(sw)}"],
-                                      env=env, stdout=out, stderr=subprocess.STDOUT))
+    fork = mp.get_context("fork")
+    procs = [fork.Process(target=_sibling, args=(ctx, gpus[i % len(gpus)] if gpus else None), daemon=False)
+             for i in range(1, n)]
+    for p in procs:
+        p.start()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
-    sweep.log(f"started {n - 1} more worker(s); their output: {logs}/worker-*.log")
+    if procs:
+        sweep.log(f"started {len(procs)} more worker(s): pids {[p.pid for p in procs]}")
     return procs
+
+
+def _sibling(ctx: dict, gpu: str | None) -> None:
+    """A forked worker: its own storage and tracking connections, then the same loop."""
+    _dispose_inherited_connections()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    sw = ctx["sw"]
+    sampler = None if ctx["grid"] else _instantiate(sw.sampler)
+    ctx = dict(ctx, durations=[], mlflow=tracking.client(tracking.resolve_uri(sw.config.tracking.uri)),
+               study=sweep.load_or_create(sweep.open_storage(sw.storage), sw.study_name, sw.direction, sampler,
+                                          _instantiate(sw.pruner)))
+    try:
+        _work(ctx)
+    except KeyboardInterrupt:
+        os._exit(130)
+    os._exit(0)  # the worker's atexit handlers belong to the worker
 
 
 def _progress(ctx, number, params, state, outcome, seconds) -> None:
