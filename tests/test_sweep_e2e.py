@@ -179,3 +179,25 @@ def test_a_sweep_against_a_real_tracking_server(tmp_path, mlflow_server):
     parent = next(r for r in runs if r.data.tags.get("gradflow.sweep") == "true")
     assert parent.info.status == "FINISHED"
     assert "report/report.csv" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+
+
+def test_tpe_with_a_pruner_stops_trials_early_and_records_them_pruned(tmp_path):
+    """hparams_search=tpe with a pruner that prunes every trial at its first report (val/acc < 2 always):
+    each trial trains one epoch of its three, ends PRUNED in Optuna and FINISHED (tagged) in MLflow."""
+    storage, uri = f"journal:{tmp_path}/o.journal", f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run(
+        [sys.executable, "-m", "src.train", "-m", "hparams_search=tpe", "hydra.sweeper.n_trials=2",
+         "model.depth=range(1,3)", "trainer.max_epochs=3", "+trainer.limit_train_batches=4",
+         "+trainer.limit_val_batches=2", "tracking.plots=false",
+         "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner", "~hydra.sweeper.pruner.n_startup_trials",
+         "+hydra.sweeper.pruner.lower=2.0", "hydra.sweeper.pruner.n_warmup_steps=0",
+         f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/s"],
+        cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = _load(storage, "gradflow-tpe").get_trials()
+    assert len(trials) == 2 and {t.state for t in trials} == {TrialState.PRUNED}
+    assert all(list(t.intermediate_values) == [0] for t in trials)  # reported once, at epoch 0
+    _, runs = runs_of(uri)
+    children = [r for r in runs if "trial_number" in r.data.tags]
+    assert len(children) == 2
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("optuna.pruned") == "true" for r in children)
