@@ -32,7 +32,7 @@ def test_multirun_nests_four_children_under_one_parent(tmp_path):
     for child in children:
         assert child.info.status == "FINISHED"
         families = {k.split("/")[0] for k in child.data.metrics if "/layer_" in k}
-        assert families == set(LAYER_STATS)
+        assert families == set(LAYER_STATS) | {"theory"}  # theory/chi1/layer_LL: the mean-field prediction
         assert {"train/loss", "train/acc", "backprop_ratio"} <= set(child.data.metrics)
         act, init = child.info.run_name.replace("activation=", "").replace("init=", "").split(",")
         assert (child.data.params["activation"], child.data.params["init"]) == (act, init)
