@@ -32,6 +32,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from src.urls import redact, sqlite_path
+
 
 HEARTBEAT = "gradflow:heartbeat"  # trial system attribute: unix time of the worker's last sign of life
 WORKER = "gradflow:worker"        # trial system attribute: host:pid of the worker that claimed it
@@ -141,8 +143,9 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     if scheme in RDB_SCHEMES:
         lock = nullcontext()
         # Workers that create the schema of a new database at once collide on its version table.
-        if scheme == "sqlite" and url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-            lock = FileLock(url[len("sqlite:///"):] + ".lock", timeout=300)
+        db = sqlite_path(url)
+        if db is not None:
+            lock = FileLock(f"{db}.lock", timeout=300)
         elif scheme.startswith("postgresql"):
             lock = _pg_advisory_lock(url)
         try:  # pool_pre_ping: a worker that idles while a trial runs must not reuse a dropped connection
@@ -151,10 +154,10 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors carry the URL with its password
             raise SweepConfigError(f"hydra.sweeper.storage={redact(url)}: cannot open the storage: "
                                    f"{redact(str(e)).splitlines()[0]}") from None
-        if isinstance(lock, FileLock):
+        if db is not None:
             # SQLite ignores SELECT ... FOR UPDATE, so two workers can both move one WAITING trial to RUNNING
             # (seen: 13 runs of a 12-point grid with 4 workers). State changes are serialised by a file lock.
-            storage._gradflow_transition_lock = FileLock(url[len("sqlite:///"):] + ".claims.lock", timeout=300)
+            storage._gradflow_transition_lock = FileLock(f"{db}.claims.lock", timeout=300)
         return storage
     raise SweepConfigError(
         f"hydra.sweeper.storage={redact(url)}: expected journal:<file>, redis://host:port, sqlite:///<file> "
@@ -177,11 +180,6 @@ def _pg_advisory_lock(url: str):
 def describe_storage(url: str | None) -> str:
     return redact(url or DEFAULT_STORAGE)
 
-
-def redact(text: str) -> str:
-    """The same rule as src.tracking.redact, without importing the tracking stack (MLflow, Lightning) into
-    every worker of a test or a status command."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", text)
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -377,7 +375,6 @@ class Outcome:
     error: str | None = None
     pruned: bool = False
     retry: bool = True  # False for deterministic failures (NaN objective, missing metric)
-    intermediate: dict[int, float] | None = None
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, policy: Policy) -> TrialState:

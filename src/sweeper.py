@@ -53,7 +53,7 @@ def run(sw, arguments: list[str]) -> None:
         _die(f"hydra.sweeper.storage and the MLflow tracking URI are the same database ({where}); give each "
              "its own (both keep their schema version in a table named alembic_version)")
     mlflow = tracking.client(uri)
-    parent_id = _parent_run(study, mlflow, cfg, uri, where)
+    parent_id, experiment_id = _parent_run(study, mlflow, cfg, uri, where)
     if is_grid:
         added = sweep.enqueue_grid(study, points)
         sweep.log(f"study {sw.study_name!r} in {where}: grid of {len(points)} points "
@@ -62,8 +62,8 @@ def run(sw, arguments: list[str]) -> None:
         sweep.log(f"study {sw.study_name!r} in {where}: {type(sampler).__name__}, {sw.n_trials} trials over "
                   f"{', '.join(space)}; MLflow parent run {parent_id}")
     ctx = {"sw": sw, "study": study, "space": space, "fixed": fixed, "policy": policy, "mlflow": mlflow,
-           "parent_id": parent_id, "metric": metric, "grid": is_grid, "points": points, "started": time.time(),
-           "durations": []}
+           "parent_id": parent_id, "experiment_id": experiment_id, "metric": metric, "grid": is_grid,
+           "points": points, "durations": []}
     siblings = _start_siblings(sw, ctx)
     try:
         _work(ctx)
@@ -92,9 +92,7 @@ def _work(ctx: dict) -> None:
 def _run_trial(ctx: dict, trial: optuna.Trial, params: dict) -> sweep.Outcome:
     sw, study = ctx["sw"], ctx["study"]
     name = ",".join(sweep.as_overrides(params))
-    exp_id = tracking.ensure_experiment(ctx["mlflow"], sw.config.tracking.experiment,
-                                        tracking.resolve_uri(sw.config.tracking.uri))
-    run_id = ctx["mlflow"].create_run(exp_id, run_name=name[:250], tags={
+    run_id = ctx["mlflow"].create_run(ctx["experiment_id"], run_name=name[:250], tags={
         "mlflow.parentRunId": ctx["parent_id"], "study_name": study.study_name,
         "trial_number": str(trial.number), **_retry_tag(trial)}).info.run_id
     trial.set_user_attr("mlflow_run_id", run_id)
@@ -205,22 +203,23 @@ def _validate(sw, fixed: list[str], points: list[dict]) -> None:
         raise validate.ConfigError("\n".join(dict.fromkeys(problems)))
 
 
-def _parent_run(study: optuna.Study, mlflow, cfg, uri: str, where: str) -> str:
-    """One MLflow parent run per study, created by the first worker; later workers and resumes reuse it."""
+def _parent_run(study: optuna.Study, mlflow, cfg, uri: str, where: str) -> tuple[str, str]:
+    """One MLflow parent run per study, created by the first worker; later workers and resumes reuse it.
+    Returns its id and its experiment's, where the trials' runs go."""
     key = "mlflow_parent_run_id"
+    exp_id = tracking.ensure_experiment(mlflow, cfg.tracking.experiment, uri)
     if sweep.elect(study, "mlflow-parent"):
-        exp_id = tracking.ensure_experiment(mlflow, cfg.tracking.experiment, uri)
         run_id = mlflow.create_run(exp_id, run_name=f"study {study.study_name}", tags={
             "study_name": study.study_name, "gradflow.sweep": "true", "optuna.storage": where}).info.run_id
         study.set_user_attr(key, run_id)
-        return run_id
+        return run_id, exp_id
     deadline = time.monotonic() + 60
     while (run_id := study.user_attrs.get(key)) is None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"study {study.study_name!r}: no MLflow parent run was recorded")
         time.sleep(0.2)
     mlflow.update_run(run_id, status="RUNNING")  # a resumed study is running again
-    return run_id
+    return run_id, exp_id
 
 
 def _threads(sw) -> int:

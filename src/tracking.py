@@ -15,7 +15,6 @@ import atexit
 import json
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -28,6 +27,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from src.urls import redact, sqlite_path  # noqa: F401 - redact is part of this module's API
 
 PARENT_RUN_ENV = "GRADFLOW_PARENT_RUN_ID"
 RUN_ID_ENV = "GRADFLOW_RUN_ID"  # set by the sweep worker: the run it created for this trial, to adopt
@@ -55,25 +56,16 @@ def resolve_uri(uri: str | None = None) -> str:
     return chosen or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
 def client(uri: str) -> MlflowClient:
     """An MlflowClient; for a SQLite store, created under a file lock beside the database. Creating the
     client creates or migrates the schema, and processes that do that at once on a new file all fail and
     leave it half-migrated (seen with 4 parallel runs). Later clients find the schema in place."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         return MlflowClient(uri)
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock", timeout=300):
         return MlflowClient(uri)
-
-
-def redact(text: str) -> str:
-    """The text with the password of any URL in it replaced, safe to print or log."""
-    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", str(text))
 
 
 def retrying(call, what: str, deadline: float):
@@ -99,7 +91,7 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    db, location = _sqlite_path(uri), None
+    db, location = sqlite_path(uri), None
     if db is not None:  # keep artifacts beside the database file, not in the cwd
         location = (db.parent / "mlartifacts").resolve().as_uri()
     try:
