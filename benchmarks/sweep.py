@@ -2,11 +2,13 @@
 
     python benchmarks/sweep.py [--epochs 3]
 
-Both sweeps run back to back in fresh studies and MLflow stores under a temporary folder, with the thread
-split `make sweep` uses (all cores for one worker; cores/2 each for two). The per-trial overhead is a trial's
+The sweeps run back to back in fresh studies and MLflow stores under a temporary folder: one worker with the
+thread split `make sweep` uses (all cores), one worker with one torch thread (on small nets one thread is
+often faster than several, so this is the fairer baseline), and two workers (cores/2 threads each). The per-trial overhead is a trial's
 wall time (claim to result, as Optuna records it) minus the time its Lightning fit took (`time/fit_s`):
 fork, Hydra job set-up, MLflow run creation, data loading, artifacts. Last lines: `workers_2_vs_1=<ratio>`
-and `trial_overhead_s=<seconds>`.
+(against the default one-worker run), `workers_2_vs_1_thread=<ratio>` (against the one-thread run) and
+`trial_overhead_s=<seconds>`.
 """
 from __future__ import annotations
 
@@ -29,11 +31,13 @@ from src import sweep  # noqa: E402
 GRID = ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"]
 
 
-def run_sweep(tmp: Path, workers: int, epochs: int) -> tuple[float, list[float], list[float]]:
-    storage, uri = f"journal:{tmp}/w{workers}.journal", f"sqlite:///{tmp}/w{workers}.db"
+def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None
+              ) -> tuple[float, list[float], list[float]]:
+    tag = f"w{workers}t{threads}"
+    storage, uri = f"journal:{tmp}/{tag}.journal", f"sqlite:///{tmp}/{tag}.db"
     cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *GRID, f"trainer.max_epochs={epochs}",
            "tracking.plots=true", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
-           f"hydra.sweep.dir={tmp}/sweeps-{workers}"]
+           f"hydra.sweep.dir={tmp}/sweeps-{tag}"] + ([f"hydra.sweeper.torch_threads={threads}"] if threads else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -51,18 +55,21 @@ def run_sweep(tmp: Path, workers: int, epochs: int) -> tuple[float, list[float],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=10, help="the grid's own default is 10")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gradflow-bench-") as tmp:
         one, over, fit1 = run_sweep(Path(tmp), 1, args.epochs)
+        one_t, over_t, fit1_t = run_sweep(Path(tmp), 1, args.epochs, threads=1)
         two, over2, fit2 = run_sweep(Path(tmp), 2, args.epochs)
     print(f"8-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores")
-    print(f"{'workers':>8} {'wall s':>8} {'fit s/trial':>12} {'overhead s/trial':>17}")
-    for n, wall, fit, ov in ((1, one, fit1, over), (2, two, fit2, over2)):
-        print(f"{n:>8} {wall:8.1f} {statistics.mean(fit):12.2f} {statistics.median(ov):17.2f}")
+    print(f"{'workers':>18} {'wall s':>8} {'fit s/trial':>12} {'overhead s/trial':>17}")
+    rows = (("1 (all cores)", one, fit1, over), ("1 (1 thread)", one_t, fit1_t, over_t), ("2", two, fit2, over2))
+    for name, wall, fit, ov in rows:
+        print(f"{name:>18} {wall:8.1f} {statistics.mean(fit):12.2f} {statistics.median(ov):17.2f}")
     print(f"per-trial overhead (trial wall - fit), 1 worker: median {statistics.median(over):.2f} s, "
           f"max {max(over):.2f} s")
     print(f"workers_2_vs_1={two / one:.3f}")
+    print(f"workers_2_vs_1_thread={two / one_t:.3f}")
     print(f"trial_overhead_s={statistics.median(over):.3f}")
 
 

@@ -116,6 +116,25 @@ def grid_points(space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
+# Keys whose larger values make a trial take longer. Workers claim queued points in queue order, so the grid
+# is queued longest first (the LPT rule): short points fill in at the end and the workers finish together,
+# instead of one worker running the last deep net while the others idle.
+COST_KEYS = ("model.depth", "model.width", "trainer.max_epochs", "trainer.max_steps")
+
+
+def longest_first(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points by decreasing product of their COST_KEYS values (grid order among equals)."""
+    def cost(p: dict[str, Any]) -> float:
+        c = 1.0
+        for k in COST_KEYS:
+            v = p.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                c *= v
+        return c
+
+    return sorted(points, key=cost, reverse=True)  # sorted() is stable: grid order among equal costs
+
+
 def point_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
@@ -229,7 +248,7 @@ def enqueue_grid(study: optuna.Study, points: list[dict[str, Any]], wait: float 
     if elect(study, f"grid-{digest}"):
         seen = {point_key(_params(t)) for t in study.get_trials(deepcopy=False)}
         added = 0
-        for p in points:
+        for p in longest_first(points):
             if point_key(p) not in seen:
                 study.enqueue_trial(p)
                 added += 1

@@ -36,6 +36,10 @@ SWEEP_KEYS_ENV = "GRADFLOW_SWEEP_KEYS"
 # The MLflow UI opens experiments of this kind on the runs table, not on the GenAI traces overview.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits per request
+# The writer holds a batch open this long after its first value: MLflow's cost per value falls 2.5x from
+# 80-value to 2000-value batches (0.23 -> 0.09 ms of CPU on SQLite, measured here), and that CPU is taken
+# from the training thread (the GIL) or from a sibling sweep worker. The UI lags by at most this much.
+LINGER_S = 1.0
 
 # Retries here are ours, bounded by a deadline. MLflow's own defaults (7 retries, backoff factor 2, 120 s
 # timeout) hold one call for about 4 minutes against a stopped server, so a run's end would wait many
@@ -107,8 +111,8 @@ class AsyncRunWriter:
     """Queues metrics/params/tags for one run and sends them in log_batch requests from a thread."""
 
     def __init__(self, client: MlflowClient, run_id: str, spool_dir: str | Path | None = None,
-                 retry_seconds: float = 600.0):
-        self.client, self.run_id = client, run_id
+                 retry_seconds: float = 600.0, linger: float = LINGER_S):
+        self.client, self.run_id, self.linger = client, run_id, linger
         self.spool_dir = Path(spool_dir) if spool_dir else Path.cwd()
         self.retry_seconds = retry_seconds
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -138,18 +142,28 @@ class AsyncRunWriter:
     def _loop(self) -> None:
         stop = False
         while not stop:
-            items = [self._q.get()]
-            while True:  # merge whatever else is waiting into the same requests
-                try:
-                    items.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
             batch = {"m": [], "p": [], "t": []}
-            for kind, payload in items:
+            item, until = self._q.get(), time.monotonic() + self.linger
+            while True:  # merge what arrives within `linger` of the first item into the same requests
+                kind, payload = item
                 if kind == "stop":
                     stop = True
-                else:
-                    batch[kind].extend(payload)
+                    break
+                batch[kind].extend(payload)
+                if len(batch["m"]) >= MAX_METRICS:
+                    break
+                try:
+                    item = self._q.get(timeout=max(0.0, until - time.monotonic()))
+                except queue.Empty:
+                    break
+            if stop:  # the backlog goes out at once
+                while True:
+                    try:
+                        kind, payload = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if kind != "stop":
+                        batch[kind].extend(payload)
             self._send(batch["m"], batch["p"], batch["t"])
 
     def _send(self, metrics: list, params: list, tags: list) -> None:

@@ -225,3 +225,13 @@ def test_report_has_one_row_per_point_heatmaps_and_the_failed_attempts(tmp_path)
     assert got == pytest.approx(values)
     assert "vanishing" in text and "sigmoid" in text
     assert "<img src=\"objective.png\"" in (tmp_path / "report.html").read_text()
+
+
+def test_the_grid_is_queued_longest_first_so_workers_finish_together(tmp_path):
+    space, _ = sweep.parse_space({"activation": "choice(sigmoid, relu)", "model.depth": "choice(2, 8, 4)"}, [])
+    study = sweep.load_or_create(sweep.open_storage(f"journal:{tmp_path}/j.log"), "lpt", "maximize")
+    sweep.enqueue_grid(study, sweep.grid_points(space))
+    order = []
+    sweep.work(study, space, FAST, grid=True, run=lambda t, p: order.append(p) or sweep.Outcome(value=1.0))
+    assert [p["model.depth"] for p in order] == [8, 8, 4, 4, 2, 2]
+    assert [p["activation"] for p in order[:2]] == ["sigmoid", "relu"]  # grid order among equal costs
