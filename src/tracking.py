@@ -28,6 +28,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from src.sink import Sink, SinkDied
 from src.urls import redact, sqlite_path  # noqa: F401 - redact is part of this module's API
 
 PARENT_RUN_ENV = "GRADFLOW_PARENT_RUN_ID"
@@ -108,11 +109,19 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
 
 
 class AsyncRunWriter:
-    """Queues metrics/params/tags for one run and sends them in log_batch requests from a thread."""
+    """Queues metrics/params/tags for one run and sends them in log_batch requests from a thread; on Linux
+    the requests themselves run in a forked process (src.sink), so MLflow's Python code never holds the
+    training process's GIL."""
 
     def __init__(self, client: MlflowClient, run_id: str, spool_dir: str | Path | None = None,
-                 retry_seconds: float = 600.0, linger: float = LINGER_S):
+                 retry_seconds: float = 600.0, linger: float = LINGER_S, process: bool = True):
         self.client, self.run_id, self.linger = client, run_id, linger
+        self._sink: Sink | None = None
+        if process and sys.platform == "linux":  # forked before this object starts its thread
+            try:
+                self._sink = Sink(client.tracking_uri)
+            except Exception as e:  # noqa: BLE001 - e.g. inside a daemonic process: send from the thread
+                print(f"mlflow: no writer process ({_first_line(e)}); sending from a thread", file=sys.stderr)
         self.spool_dir = Path(spool_dir) if spool_dir else Path.cwd()
         self.retry_seconds = retry_seconds
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -181,7 +190,7 @@ class AsyncRunWriter:
         delay, started = 0.2, time.monotonic()
         while True:
             try:
-                self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
+                self._log_batch(m, p, t)
                 return True
             except Exception as e:  # noqa: BLE001 - any transport failure: retry, then spool
                 limit = started + self.retry_seconds
@@ -194,6 +203,15 @@ class AsyncRunWriter:
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _log_batch(self, m, p, t) -> None:
+        if self._sink is not None:
+            try:
+                return self._sink.log_batch(self.run_id, m, p, t)
+            except SinkDied as e:
+                print(f"mlflow: {e}; sending from the training process from now on", file=sys.stderr)
+                self._sink = None
+        self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
 
     def _spool(self, metrics, params, tags) -> None:
         self.spool({"metrics": [[x.key, x.value, x.timestamp, x.step] for x in metrics],
@@ -220,6 +238,9 @@ class AsyncRunWriter:
             if self._thread.is_alive() and time.monotonic() - last > 2.0:
                 print(f"mlflow: sending backlog, {max(self._queued, 0)} values left ...", file=sys.stderr)
                 last = time.monotonic()
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
 
     def print_replay_command(self) -> None:
         if self.spooled_to is not None:
@@ -243,7 +264,8 @@ def replay(spool: str | Path, uri: str | None = None, timeout: float = 120.0) ->
     writers: dict[str, AsyncRunWriter] = {}
     for rec in records:
         run_id = rec["run_id"]
-        w = writers.setdefault(run_id, AsyncRunWriter(store, run_id, spool_dir=Path(spool).parent / "replay-failed"))
+        w = writers.setdefault(run_id, AsyncRunWriter(store, run_id, spool_dir=Path(spool).parent / "replay-failed",
+                                                      process=False))  # no training thread to spare
         w._deadline = time.monotonic() + timeout
         w._send([Metric(*m) for m in rec.get("metrics", [])],
                 [Param(k, v) for k, v in rec.get("params", {}).items()],

@@ -1,6 +1,10 @@
 """The MLflow transport against real stores: batching, retry, spool and replay."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -42,6 +46,40 @@ def test_writer_splits_large_batches_and_delivers_everything(tracking_uri):
     hist = client.get_metric_history(run_id, "m/layer_1499")
     assert [(m.step, m.value) for m in hist] == [(0, 1499.0), (1, 1500.0), (2, 1501.0)]
     assert len(client.get_run(run_id).data.params) == 250
+
+
+def test_writes_run_in_a_separate_process_and_survive_its_death(tracking_uri, capfd):
+    """MLflow's Python code runs in the sink process (its own GIL); if that process dies, the writer sends
+    from the training process and nothing is lost."""
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(tracking.ensure_experiment(client, "e", tracking_uri)).info.run_id
+    w = tracking.AsyncRunWriter(client, run_id, linger=0.0)
+    sink = w._sink.process
+    assert sink.is_alive() and sink.pid != os.getpid()
+    w.log_metrics({"a": 1.0}, 0)
+    deadline = time.monotonic() + 30
+    while w.sent < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w.sent == 1  # delivered by the sink
+    os.kill(sink.pid, signal.SIGKILL)
+    sink.join(10)
+    w.log_metrics({"a": 2.0}, 1)
+    w.close()
+    assert "sending from the training process" in capfd.readouterr().err
+    assert [m.value for m in client.get_metric_history(run_id, "a")] == [1.0, 2.0]
+    assert w.sent == 2 and w.spooled_to is None
+
+
+def test_an_error_of_the_store_crosses_the_process_boundary_as_mlflows(tracking_uri, tmp_path):
+    """A refusal (here: an unknown run) is MLflow's permanent error in the writer too: spooled at once,
+    not retried for retry_seconds."""
+    client = MlflowClient(tracking_uri)
+    tracking.ensure_experiment(client, "e", tracking_uri)
+    w = tracking.AsyncRunWriter(client, "0" * 32, spool_dir=tmp_path, retry_seconds=600.0)
+    t0 = time.monotonic()
+    w.log_metrics({"a": 1.0}, 0)
+    w.close(timeout=60)
+    assert time.monotonic() - t0 < 30 and w.spooled_to is not None
 
 
 def test_unreachable_server_spools_and_replay_delivers(tracking_uri, tmp_path, monkeypatch):
