@@ -207,7 +207,7 @@ class Policy:
     max_retries: int = 2             # re-runs of a point whose trial raised or whose worker died
     heartbeat_interval: float = 10.0  # seconds between lease renewals while a trial runs
     grace_period: float = 60.0        # a RUNNING trial silent this long belongs to a dead worker
-    poll_interval: float = 2.0        # how often an idle grid worker looks for re-queued points
+    poll_interval: float = 0.5        # how often an idle grid worker looks for re-queued points
 
     def __post_init__(self):
         if self.max_retries < 0 or self.heartbeat_interval <= 0 or self.grace_period <= self.heartbeat_interval:
