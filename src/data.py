@@ -11,7 +11,7 @@ import torch
 from sklearn import datasets as skd
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 DATASETS = ("digits", "moons", "circles", "mnist", "fashion_mnist", "line")
 REGRESSION = ("line",)  # real-valued targets: trained with MSE, out_dim 1
@@ -115,10 +115,19 @@ class ArrayDataModule(L.LightningDataModule):
         self.n_classes = y_tr.shape[1] if self.task == "regression" else int(max(y_tr.max(), y_va.max())) + 1
         self.seed = seed
 
+    # In-memory tensors, so no worker processes (they would cost more than they save), and whole batches
+    # are fetched with one index op per tensor: the default loader fetches sample by sample and stacks
+    # them, which took a fifth of a small net's training time here. Same sampler, same generator: the same
+    # batches in the same order as DataLoader(shuffle=True, generator=g).
     def train_dataloader(self):
-        # in-memory tensors: worker processes would cost more than they save
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
+        return _batched(self.train_set, RandomSampler(self.train_set, generator=g), self.batch_size, g)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=1024)
+        return _batched(self.val_set, SequentialSampler(self.val_set), 1024)
+
+
+def _batched(data: TensorDataset, order, batch_size: int, generator=None) -> DataLoader:
+    # the loader draws its base seed from the generator before the sampler's permutation, as it did before
+    return DataLoader(data, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None,
+                      generator=generator)
