@@ -63,7 +63,7 @@ class Sink:
 def _serve(uri: str, conn, parent_end) -> None:
     parent_end.close()  # else this process holds the pipe open itself and never sees its parent go
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # its queue and threads belong to the parent
-    _drop_inherited_connections()
+    drop_inherited_connections()
     client = MlflowClient(uri)
     while True:
         try:
@@ -87,7 +87,7 @@ def _serve(uri: str, conn, parent_end) -> None:
     os._exit(0)  # the parent's atexit handlers are not ours
 
 
-def _drop_inherited_connections() -> None:
+def drop_inherited_connections() -> None:
     """A forked child must not use its parent's pooled database connections (SQLAlchemy's rule for fork)
     nor its keep-alive HTTP connections: both would interleave on one socket or file handle."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore

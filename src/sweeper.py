@@ -24,6 +24,7 @@ from omegaconf import open_dict
 from optuna.trial import TrialState
 
 from src import report, sweep, tracking, validate
+from src.sink import drop_inherited_connections
 
 GRID_SAMPLER = "optuna.samplers.GridSampler"
 TRIAL_ENV = "GRADFLOW_TRIAL"  # set in a trial's process (= src.train.TRIAL_ENV): train() adds trial_callbacks()
@@ -128,7 +129,7 @@ def _run_trial(ctx: dict, trial: optuna.Trial, params: dict) -> sweep.Outcome:
 def _child(conn, sw, overrides, number, run_id, parent_id, keys, study_name, trial_id, metric) -> None:
     """Runs in the forked trial process: one Hydra job, result sent back through the pipe."""
     _die_with_parent()
-    _dispose_inherited_connections()
+    drop_inherited_connections()
     os.environ.update({tracking.RUN_ID_ENV: run_id, tracking.PARENT_RUN_ENV: parent_id,
                        tracking.SWEEP_KEYS_ENV: ",".join(keys), TRIAL_ENV: str(number)})
     _ACTIVE.update(sw=sw, study_name=study_name, trial_id=trial_id, metric=metric, pruned=False)
@@ -246,7 +247,7 @@ def _start_siblings(sw, ctx: dict) -> list:
 
 def _sibling(ctx: dict, gpu: str | None) -> None:
     """A forked worker: its own storage and tracking connections, then the same loop."""
-    _dispose_inherited_connections()
+    drop_inherited_connections()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     sw = ctx["sw"]
@@ -347,17 +348,6 @@ def _die_with_parent() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
-
-
-def _dispose_inherited_connections() -> None:
-    """A forked child must not use the parent's pooled database connections (SQLAlchemy's rule for fork)."""
-    try:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        for engine in SqlAlchemyStore._engine_map.values():
-            engine.dispose(close=False)
-    except ImportError:
         pass
 
 
