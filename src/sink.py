@@ -44,7 +44,7 @@ class Sink:
             raise SinkDied(f"the MLflow sink process ended ({e!r})") from e
         if error is not None:
             message, code = error
-            if code is None:
+            if code not in ErrorCode.keys():
                 raise RuntimeError(message)
             raise MlflowException(message, error_code=ErrorCode.Value(code))
 
