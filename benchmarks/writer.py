@@ -1,0 +1,65 @@
+"""What the MLflow writer's design costs the training thread, measured side by side in one process.
+
+    python benchmarks/writer.py [--model small|mid|wide] [--repeats 4] [--threads 1]
+
+Trains the MLP of benchmarks/overhead.py with all statistics every step (MLflow snapshot every 10 steps, on a
+SQLite store) with the writer as it is (log_batch in a forked process, batches held open 1 s) and with two
+older designs (log_batch on the writer thread, with and without the 1 s batching), interleaved, plus
+`stats=off`. Prints each one's median wall and CPU time per step and its ratio to `off`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import overhead  # noqa: E402
+import torch  # noqa: E402
+
+from src import tracking  # noqa: E402
+
+VARIANTS = {
+    "off": ("off", {}),
+    "forked process, 1 s batches": ("stats", {}),
+    "writer thread, 1 s batches": ("stats", {"process": False}),
+    "writer thread, no batching": ("stats", {"process": False, "linger": 0.0}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small", choices=sorted(overhead.MODELS))
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: all of torch on the timed thread)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    workdir = Path(tempfile.mkdtemp(prefix="gradflow-bench-"))
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    real, times = tracking.AsyncRunWriter, {name: [] for name in VARIANTS}
+    try:
+        for _ in range(args.repeats):
+            for name, (condition, options) in VARIANTS.items():
+                tracking.AsyncRunWriter = functools.partial(real, **options)
+                times[name].append(overhead.run_once(args.model, condition, args.steps, 30, uri, "cpu", workdir))
+    finally:
+        tracking.AsyncRunWriter = real
+    wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+    cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
+    depth, width, act = overhead.MODELS[args.model]
+    print(f"\n{depth}x{width} {act}, {args.threads} torch thread(s), {args.repeats} repeats, medians")
+    for k in VARIANTS:
+        print(f"{k:<30} wall {wall[k] * 1e3:7.2f} ms {wall[k] / wall['off']:5.2f}x   "
+              f"cpu {cpu[k] * 1e3:7.2f} ms {cpu[k] / cpu['off']:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
