@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import sys
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -83,8 +82,7 @@ def _serve(uri: str, conn, parent_end) -> None:
             conn.send(reply)
         except OSError:
             break
-    sys.stdout.flush()
-    os._exit(0)  # the parent's atexit handlers are not ours
+    os._exit(0)  # the parent's atexit handlers are not ours, nor its stdio buffers
 
 
 def drop_inherited_connections() -> None:
