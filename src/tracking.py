@@ -156,23 +156,15 @@ class AsyncRunWriter:
             while True:  # merge what arrives within `linger` of the first item into the same requests
                 kind, payload = item
                 if kind == "stop":
-                    stop = True
-                    break
-                batch[kind].extend(payload)
-                if len(batch["m"]) >= MAX_METRICS:
+                    stop, until = True, 0.0  # take what is already queued, wait for nothing more
+                else:
+                    batch[kind].extend(payload)
+                if len(batch["m"]) >= MAX_METRICS and not stop:
                     break
                 try:
                     item = self._q.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
-            if stop:  # the backlog goes out at once
-                while True:
-                    try:
-                        kind, payload = self._q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if kind != "stop":
-                        batch[kind].extend(payload)
             self._send(batch["m"], batch["p"], batch["t"])
 
     def _send(self, metrics: list, params: list, tags: list) -> None:
