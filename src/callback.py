@@ -38,6 +38,9 @@ STACK_MAX_NUMEL = 1 << 17
 # so a flush stays short and values reach the loggers soon.
 RING_MAX_NUMEL = 1 << 24
 MAX_RING_STEPS = 32
+# Activation statistics are computed this many elements of buffered pre-activations at a time: the
+# temporaries of a 20x256 net's 32 steps (21 MB each) cost 25 ms a flush, in 12-step pieces 19.6 ms.
+ACT_CHUNK_NUMEL = 1 << 21
 
 COL = {name: j for j, name in enumerate(stats.LAYER_STATS)}
 
@@ -114,7 +117,7 @@ class GradientStatsCallback(L.Callback):
         self._numel = [w.numel() for w in weights]
         width = max(self._numel)
         self._stacked = L_ * width <= STACK_MAX_NUMEL
-        per_step = 3 * L_ * width if self._stacked else 0
+        per_step = 4 * L_ * width if self._stacked else 0
         self._K = self.ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // max(per_step, 1)))
         K = self._K
         self._steps: list[int] = []
@@ -127,6 +130,7 @@ class GradientStatsCallback(L.Callback):
             self._g = torch.zeros(K, L_, width, device=dev)  # padding stays zero forever
             self._wb = torch.zeros(K, L_, width, device=dev)
             self._wa = torch.zeros(K, L_, width, device=dev)
+            self._scratch = torch.empty(K, L_, width, device=dev)  # sign(g), then W_after - W_before
             views = lambda buf: [[buf[k, i, :n].view_as(w) for i, (n, w) in enumerate(zip(self._numel, weights))]
                                  for k in range(K)]
             self._g_views, self._wb_views, self._wa_views = views(self._g), views(self._wb), views(self._wa)
@@ -134,6 +138,7 @@ class GradientStatsCallback(L.Callback):
             self._grad_rows = torch.zeros(K, L_, len(stats.GRAD_STATS) + 1, device=dev)
             self._weight_rows = torch.zeros(K, L_, len(stats.WEIGHT_STATS) + 1, device=dev)
             self._snapshot: list[Tensor] | None = None
+            self._sign_scratch: list[Tensor] | None = None
         if self.trace_path is not None:
             self.trace = TraceWriter(self.trace_path, stats.LAYER_STATS, L_, self.trace_chunk_steps)
 
@@ -215,7 +220,9 @@ class GradientStatsCallback(L.Callback):
                 torch._foreach_copy_(self._g_views[k], grads)
                 torch._foreach_copy_(self._wb_views[k], weights)
                 return
-            rows = stats.gradient_stats(grads)
+            if self._sign_scratch is None or self._sign_scratch[0].dtype != grads[0].dtype:
+                self._sign_scratch = [torch.empty(g.numel(), dtype=g.dtype, device=g.device) for g in grads]
+            rows = stats.gradient_stats(grads, self._sign_scratch)
             nonfinite = torch.zeros(len(weights), 1, device=rows.device)
             if not torch.isfinite(rows[:, 0]).all():  # rare: pay for counting NaN/Inf entries (a host sync)
                 nonfinite[:, 0] = stats.nonfinite_counts(grads)
@@ -326,9 +333,9 @@ class GradientStatsCallback(L.Callback):
             return
         L_ = len(self.linears)
         if self._stacked:
-            grad = stats.stacked_gradient_stats(self._g[:n], self._numel_t)
+            grad = stats.stacked_gradient_stats(self._g[:n], self._numel_t, self._scratch[:n])
             grad = torch.cat([grad, torch.zeros(n, L_, 1, device=grad.device)], dim=2)
-            weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel_t)
+            weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel_t, self._scratch[:n])
         else:
             grad, weight = self._grad_rows[:n], self._weight_rows[:n]
         inv_scale = torch.tensor(self._inv_scale[:n], dtype=torch.float64, device=self._device)
@@ -337,9 +344,11 @@ class GradientStatsCallback(L.Callback):
         rows = torch.tensor(self._rows[:n], device=self._device)
         for grp in self._act_groups or []:
             full = bool((rows == grp["buf"].shape[2]).all())
-            act[:, grp["idx"]] = stats.stacked_activation_stats(
-                grp["buf"][:n], grp["module"].forward, grp["entry"].derivative, grp["entry"].max_derivative,
-                self.threshold, rows=None if full else rows)
+            buf = grp["buf"][:n]
+            chunk = max(1, ACT_CHUNK_NUMEL // buf[0].numel())
+            act[:, grp["idx"]] = torch.cat([stats.stacked_activation_stats(
+                b, grp["module"].forward, grp["entry"].derivative, grp["entry"].max_derivative,
+                self.threshold, rows=None if full else r) for b, r in zip(buf.split(chunk), rows.split(chunk))])
         values = torch.cat([grad, bp[:, :, None], act, weight], dim=2).cpu().numpy()  # one sync for n steps
         if self._stacked:
             broken = ~np.isfinite(values[:, :, COL["grad_norm"]]).all(axis=1)

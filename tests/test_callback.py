@@ -242,9 +242,12 @@ class MLP(L.LightningModule):
                                             ("sigmoid", 2, "per_tensor")])
 def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, monkeypatch, path, act, every):
     """30 steps, statistics flushed every 6 recorded steps; batches of 4, then 32, then 32-sample epochs
-    with a short last batch (5): buffers grow once and partly-filled activation rows are ignored."""
+    with a short last batch (5): buffers grow once and partly-filled activation rows are ignored. On the
+    per-tensor path the activation statistics are also computed one step at a time (as a big net's are, in
+    pieces)."""
     if path == "per_tensor":
         monkeypatch.setattr(callback, "STACK_MAX_NUMEL", 0)
+        monkeypatch.setattr(callback, "ACT_CHUNK_NUMEL", 1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(101, 4, generator=g) * 3, torch.randint(0, 3, (101,), generator=g)
     batches = [list(range(4))] + [list(range(i, min(i + 32, 101))) for i in range(0, 101, 32)] * 12

@@ -143,6 +143,18 @@ def test_stacked_activation_stats_match_reference_with_short_batches(name):
     torch.testing.assert_close(_act(pre, entry, module)[0], got[0])  # all rows real: the same numbers
 
 
+def test_activation_stats_leave_the_buffer_alone():
+    """The statistics work in place on f(s) and f'(s); an identity activation returns s itself, which must
+    come back untouched (it is the callback's ring buffer)."""
+    entry = ACTIVATIONS["identity"]
+    pre = torch.randn(2, 3, 8, 4, generator=torch.Generator().manual_seed(3))
+    kept = pre.clone()
+    got = _act(pre, entry, entry.make())
+    assert torch.equal(pre, kept)
+    expected = ref.activation_stats(list(kept[0]), list(kept[0]), [entry.derivative] * 3, [1.0] * 3, 0.05)
+    torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_backprop_ratio_is_first_over_last_hidden_layer():
     # three Linear layers: two hidden ones, then the output layer (ignored)
     assert stats.backprop_ratio(torch.tensor([1e-4, 1e-2, 5.0])).item() == pytest.approx(1e-2)
