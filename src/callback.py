@@ -220,8 +220,9 @@ class GradientStatsCallback(L.Callback):
                 torch._foreach_copy_(self._g_views[k], grads)
                 torch._foreach_copy_(self._wb_views[k], weights)
                 return
-            if self._sign_scratch is None or self._sign_scratch[0].dtype != grads[0].dtype:
-                self._sign_scratch = [torch.empty(g.numel(), dtype=g.dtype, device=g.device) for g in grads]
+            if self._sign_scratch is None:  # float32 at least: a half-precision norm cannot count past ~256
+                dtype = torch.promote_types(grads[0].dtype, torch.float32)
+                self._sign_scratch = [torch.empty(g.numel(), dtype=dtype, device=g.device) for g in grads]
             rows = stats.gradient_stats(grads, self._sign_scratch)
             nonfinite = torch.zeros(len(weights), 1, device=rows.device)
             if not torch.isfinite(rows[:, 0]).all():  # rare: pay for counting NaN/Inf entries (a host sync)
@@ -254,7 +255,8 @@ class GradientStatsCallback(L.Callback):
 
     # ---- activations ----------------------------------------------------------------------------------
     def _end_discovery(self):
-        """After one recorded step: group the layers with an activation by (module, width) into ring buffers
+        """After one recorded step: group the layers with an activation by (activation type and options, batch,
+        width) into ring buffers
         of their pre-activations; drop the activation hooks if every activation reads its layer's output."""
         self._discovering = False
         self.act_layers = set(self._act_of)
@@ -263,7 +265,9 @@ class GradientStatsCallback(L.Callback):
             by_key: dict[tuple, list[int]] = {}
             for i in sorted(self._act_of):
                 pre = self._pre_of(i)
-                by_key.setdefault((id(self._act_of[i]), pre.shape[-1], pre.dtype), []).append(i)
+                m = self._act_of[i]  # registry activations hold no weights: same type and options, same f
+                key = (type(m), m.extra_repr(), pre.numel() // pre.shape[-1], pre.shape[-1], pre.dtype)
+                by_key.setdefault(key, []).append(i)
             per_step = 0
             for idx in by_key.values():
                 pre = self._pre_of(idx[0])
@@ -285,7 +289,10 @@ class GradientStatsCallback(L.Callback):
 
     def _new_group(self, idx: list[int], batch: int, width: int, dtype) -> dict:
         buf = torch.zeros(self._K, len(idx), batch, width, dtype=dtype, device=self._device)
-        return dict(idx=idx, buf=buf, module=self._act_of[idx[0]], entry=ACTIVATION_BY_TYPE[type(self._act_of[idx[0]])])
+        module = self._act_of[idx[0]]
+        # an in-place activation (ReLU(inplace=True)) would overwrite the buffer it reads: give it a copy
+        f = (lambda s: module(s.clone())) if getattr(module, "inplace", False) else module.forward
+        return dict(idx=idx, buf=buf, f=f, entry=ACTIVATION_BY_TYPE[type(module)])
 
     def _act_views(self):
         """Per slot, the full-batch view of every activation layer's buffer row: no indexing op per step."""
@@ -347,7 +354,7 @@ class GradientStatsCallback(L.Callback):
             buf = grp["buf"][:n]
             chunk = max(1, ACT_CHUNK_NUMEL // buf[0].numel())
             act[:, grp["idx"]] = torch.cat([stats.stacked_activation_stats(
-                b, grp["module"].forward, grp["entry"].derivative, grp["entry"].max_derivative,
+                b, grp["f"], grp["entry"].derivative, grp["entry"].max_derivative,
                 self.threshold, rows=None if full else r) for b, r in zip(buf.split(chunk), rows.split(chunk))])
         values = torch.cat([grad, bp[:, :, None], act, weight], dim=2).cpu().numpy()  # one sync for n steps
         if self._stacked:
