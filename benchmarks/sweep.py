@@ -5,8 +5,9 @@
 The sweeps run back to back in fresh studies and MLflow stores under a temporary folder: one worker with the
 thread split `make sweep` uses (all cores), one worker with one torch thread (on small nets one thread is
 often faster than several, so this is the fairer baseline), and two workers (cores/2 threads each). The per-trial overhead is a trial's
-wall time (claim to result, as Optuna records it) minus the time its Lightning fit took (`time/fit_s`):
-fork, Hydra job set-up, MLflow run creation, data loading, artifacts. The grid phase runs from the first
+wall time (claim to result, as Optuna records it) minus the time its Lightning fit took (`time/fit_s`) and the
+time its trace, figures and uploads took after it (`time/artifacts_s`, shown apart): fork, Hydra job set-up,
+MLflow run creation, data loading, the verdict. The grid phase runs from the first
 claim to the last result: the command less its start-up (imports, stores, queueing) and the report. Last
 lines: `workers_2_vs_1=<ratio>` (whole commands, against the default one-worker run),
 `workers_2_vs_1_thread=<ratio>` (against the one-thread run), `grid_phase_2_vs_1=<ratio>` and
@@ -34,7 +35,7 @@ GRID = ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"]
 
 
 def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None
-              ) -> tuple[float, float, list[float], list[float]]:
+              ) -> tuple[float, float, list[float], list[float], list[float]]:
     tag = f"w{workers}t{threads}"
     storage, uri = f"journal:{tmp}/{tag}.journal", f"sqlite:///{tmp}/{tag}.db"
     cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *GRID, f"trainer.max_epochs={epochs}",
@@ -50,12 +51,15 @@ def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None
     trials = study.get_trials()
     # the grid phase: first claim to last result (the command's wall time less start-up and the report)
     grid = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    artifacts = []
     for t in trials:
         assert t.state.name == "COMPLETE", (t.number, t.state, t.user_attrs.get("error"))
-        fit = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["time/fit_s"]
-        overheads.append((t.datetime_complete - t.datetime_start).total_seconds() - fit)
-        fits.append(fit)
-    return wall, grid, overheads, fits
+        m = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics
+        overheads.append((t.datetime_complete - t.datetime_start).total_seconds() - m["time/fit_s"]
+                         - m["time/artifacts_s"])
+        fits.append(m["time/fit_s"])
+        artifacts.append(m["time/artifacts_s"])
+    return wall, grid, overheads, fits, artifacts
 
 
 def main() -> None:
@@ -63,15 +67,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10, help="the grid's own default is 10")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="gradflow-bench-") as tmp:
-        one, grid1, over, fit1 = run_sweep(Path(tmp), 1, args.epochs)
-        one_t, grid1_t, over_t, fit1_t = run_sweep(Path(tmp), 1, args.epochs, threads=1)
-        two, grid2, over2, fit2 = run_sweep(Path(tmp), 2, args.epochs)
+        one, grid1, over, fit1, art1 = run_sweep(Path(tmp), 1, args.epochs)
+        one_t, grid1_t, over_t, fit1_t, art1_t = run_sweep(Path(tmp), 1, args.epochs, threads=1)
+        two, grid2, over2, fit2, art2 = run_sweep(Path(tmp), 2, args.epochs)
     print(f"8-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores")
-    print(f"{'workers':>18} {'wall s':>8} {'grid s':>8} {'fit s/trial':>12} {'overhead s/trial':>17}")
-    rows = (("1 (all cores)", one, grid1, fit1, over), ("1 (1 thread)", one_t, grid1_t, fit1_t, over_t),
-            ("2", two, grid2, fit2, over2))
-    for name, wall, grid, fit, ov in rows:
-        print(f"{name:>18} {wall:8.1f} {grid:8.1f} {statistics.mean(fit):12.2f} {statistics.median(ov):17.2f}")
+    print(f"{'workers':>18} {'wall s':>8} {'grid s':>8} {'fit s/trial':>12} {'artifacts s/trial':>18} "
+          f"{'overhead s/trial':>17}")
+    rows = (("1 (all cores)", one, grid1, fit1, art1, over), ("1 (1 thread)", one_t, grid1_t, fit1_t, art1_t, over_t),
+            ("2", two, grid2, fit2, art2, over2))
+    for name, wall, grid, fit, art, ov in rows:
+        print(f"{name:>18} {wall:8.1f} {grid:8.1f} {statistics.mean(fit):12.2f} {statistics.mean(art):18.2f} "
+              f"{statistics.median(ov):17.2f}")
     print(f"start-up and report (wall - grid), 1 worker: {one - grid1:.1f} s, 2 workers: {two - grid2:.1f} s")
     print(f"per-trial overhead (trial wall - fit), 1 worker: median {statistics.median(over):.2f} s, "
           f"max {max(over):.2f} s")
@@ -79,6 +85,7 @@ def main() -> None:
     print(f"workers_2_vs_1_thread={two / one_t:.3f}")
     print(f"grid_phase_2_vs_1={grid2 / grid1:.3f}")
     print(f"trial_overhead_s={statistics.median(over):.3f}")
+    print(f"trial_artifacts_s={statistics.median(art1):.3f}")
 
 
 if __name__ == "__main__":

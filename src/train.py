@@ -86,14 +86,18 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
                 raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED
             raise
         finally:
+            fit_s = time.perf_counter() - fit_start
             trace = _log_artifacts(run, cfg, out_dir, stats_cb, logger.history, run_name,
                                    prediction.chi1 if prediction else None, hist_cb)
             _log_extras(run, cfg, out_dir, trace, change_cb, trainer, run_name)
+            artifacts_s = time.perf_counter() - fit_start - fit_s
         if guard and guard.stop_reason:
             run.writer.set_tags({"stop_reason": guard.stop_reason})
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if "/layer_" not in k}
-        results["time/fit_s"] = time.perf_counter() - fit_start  # the rest of a run is set-up and upload
-        run.writer.log_metrics({"time/fit_s": results["time/fit_s"]}, step=trainer.global_step)
+        # Lightning's fit alone, then the trace, figures and uploads after it; the rest of a run is set-up
+        timing = {"time/fit_s": fit_s, "time/artifacts_s": artifacts_s}
+        results.update(timing)
+        run.writer.log_metrics(timing, step=trainer.global_step)
         print(f"run {run.run_id} ({run_name}) in {tracking.redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
         if trace is not None and prediction is not None:  # stats=off: no per-layer keys; theory needs a hidden layer

@@ -29,6 +29,9 @@ def test_train_end_to_end(tracking_uri, compose_cfg):
         layers = range(n_linear - 1) if stat.startswith("act_") else range(n_linear)
         assert {f"{stat}/layer_{i:02d}" for i in layers} <= keys, stat
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "backprop_ratio"} <= keys
+    # the fit and what follows it (trace, figures, uploads) are timed apart, both returned and logged
+    assert metrics["time/fit_s"] > 0 and metrics["time/artifacts_s"] > 0
+    assert {"time/fit_s", "time/artifacts_s"} <= keys
     assert [m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/layer_00")] == list(range(0, 50, 4))
 
     arts = {a.path for d in ("", "hydra", "trace", "plots") for a in client.list_artifacts(run.info.run_id, d)}
