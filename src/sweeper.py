@@ -8,7 +8,9 @@ with its own output directory and a nested MLflow run created here so that a dea
 """
 from __future__ import annotations
 
+import copy
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import signal
@@ -20,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import open_dict
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from src import report, sweep, tracking, validate
@@ -187,18 +190,37 @@ def trial_callbacks() -> list:
 
 # ------------------------------------------------------------------------------------------------- helpers
 def _validate(sw, fixed: list[str], points: list[dict]) -> None:
-    """Compose and validate every grid point (or the fixed part of a sampled space) before any trial or
-    MLflow run exists: a typo fails the sweep in seconds, not at trial 37. Each problem is said once."""
-    problems = []
+    """Validate every grid point (or the fixed part of a sampled space) before any trial or MLflow run
+    exists: a typo fails the sweep in seconds, not at trial 37. Each problem is said once.
+
+    Hydra composes the first point of each choice of config groups (activation=..., init=...) in full, at
+    about 0.15 s each; the other points of that choice differ from it only in plain values (model.depth=...),
+    which are set on a copy the way Hydra sets them (its own parser, OmegaConf.update): 4 compositions, not
+    8, for the 2 x 2 x 2 grid; 6, not 18, for the default one."""
+    loader, parser = sw.hydra_context.config_loader, OverridesParser.create()
+    is_group = functools.cache(lambda key: not key.replace(".", "").replace("_", "").isalnum()
+                               or loader.repository.group_exists(key.replace(".", "/")))
+    problems, composed = [], {}
     for p in points:
-        overrides = fixed + sweep.as_overrides(p)
+        choice = tuple((k, str(v)) for k, v in p.items() if is_group(k))
+        if choice in composed:
+            if composed[choice] is None:  # its composition failed: that problem is already said
+                continue
+            cfg = copy.deepcopy(composed[choice])
+            for k, v in p.items():
+                if not is_group(k):
+                    OmegaConf.update(cfg, k, parser.parse_override(f"{k}={v}").value(), merge=True)
+            problems += validate.problems(cfg)
+            continue
         try:
-            cfg = sw.hydra_context.config_loader.load_sweep_config(sw.config, overrides)
+            cfg = loader.load_sweep_config(sw.config, fixed + sweep.as_overrides(p))
         except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad option and lists the others
             problems.append(str(e).split("\nConfig search path")[0].strip())
+            composed[choice] = None
             continue
         with open_dict(cfg):
             del cfg["hydra"]  # Hydra's own node needs a job to resolve; the task config is what we check
+        composed[choice] = cfg
         problems += validate.problems(cfg)
     if problems:
         raise validate.ConfigError("\n".join(dict.fromkeys(problems)))

@@ -110,14 +110,18 @@ def test_the_same_on_postgresql_for_optuna_and_mlflow(tmp_path):
         _run_scenario(tmp_path, storage, uri)
 
 
-def test_a_typo_in_the_grid_fails_before_any_trial_or_run(tmp_path):
+@pytest.mark.parametrize("depths", ["0,2", "2,0"])
+def test_a_typo_in_the_grid_fails_before_any_trial_or_run(tmp_path, depths):
+    """A bad group option and a bad value, the latter on the first point of its activation and (2,0) on a
+    point that is not composed by Hydra but derived from the first."""
     storage, uri = f"journal:{tmp_path}/o.journal", f"sqlite:///{tmp_path}/mlflow.db"
     out = subprocess.run([sys.executable, "-m", "src.train", "-m", "hparams_search=grid", "activation=sigmoid,relux",
-                          "model.depth=0,2", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/s"],
+                          f"model.depth={depths}", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/s"],
                          cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "relux" in out.stderr and "model.depth" in out.stderr and "Traceback" not in out.stderr
+    assert "relux" in out.stderr and "model.depth=0" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("model.depth=0") == 1  # said once, though two points have it
     assert not Path(f"{tmp_path}/o.journal").exists() and not runs_of(uri)[1]
 
 
