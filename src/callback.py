@@ -252,8 +252,8 @@ class GradientStatsCallback(L.Callback):
     # ---- activations ----------------------------------------------------------------------------------
     def _end_discovery(self):
         """After one recorded step: group the layers with an activation by (activation type and options, batch,
-        width) into ring buffers
-        of their pre-activations; drop the activation hooks if every activation reads its layer's output."""
+        width) into ring buffers of their pre-activations; drop the activation hooks if every activation reads
+        its layer's output."""
         self._discovering = False
         self.act_layers = set(self._act_of)
         if self._act_groups is None:
