@@ -21,13 +21,6 @@ from mlflow.protos.databricks_pb2 import ErrorCode
 from mlflow.tracking import MlflowClient
 
 
-# The sink yields the cores to training when both want them (lowest priority): the writer batches, and the
-# run's end drains what is left, so a sink that falls behind delays the UI, not the training. Measured on
-# 2 cores with torch's 2 threads, 10x64 net: 4.00 against 4.81 ms a step (nice 0), the drain at the end
-# 0.2-0.3 s against 0.1 s.
-NICE = 19
-
-
 class SinkDied(RuntimeError):
     """The sink process is gone; the caller logs from its own process from now on."""
 
@@ -69,7 +62,6 @@ class Sink:
 def _serve(uri: str, conn, parent_end) -> None:
     parent_end.close()  # else this process holds the pipe open itself and never sees its parent go
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # its queue and threads belong to the parent
-    os.nice(NICE)
     drop_inherited_connections()
     client = MlflowClient(uri)
     while True:
