@@ -79,7 +79,7 @@ def main() -> None:
         print(f"{name:>18} {wall:8.1f} {grid:8.1f} {statistics.mean(fit):12.2f} {statistics.mean(art):18.2f} "
               f"{statistics.median(ov):17.2f}")
     print(f"start-up and report (wall - grid), 1 worker: {one - grid1:.1f} s, 2 workers: {two - grid2:.1f} s")
-    print(f"per-trial overhead (trial wall - fit), 1 worker: median {statistics.median(over):.2f} s, "
+    print(f"per-trial overhead (trial wall - fit - artifacts), 1 worker: median {statistics.median(over):.2f} s, "
           f"max {max(over):.2f} s")
     print(f"workers_2_vs_1={two / one:.3f}")
     print(f"workers_2_vs_1_thread={two / one_t:.3f}")

@@ -117,7 +117,7 @@ class GradientStatsCallback(L.Callback):
         self._numel = [w.numel() for w in weights]
         width = max(self._numel)
         self._stacked = L_ * width <= STACK_MAX_NUMEL
-        per_step = 4 * L_ * width if self._stacked else 0
+        per_step = 3 * L_ * width if self._stacked else 0
         self._K = self.ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // max(per_step, 1)))
         K = self._K
         self._steps: list[int] = []
@@ -130,7 +130,6 @@ class GradientStatsCallback(L.Callback):
             self._g = torch.zeros(K, L_, width, device=dev)  # padding stays zero forever
             self._wb = torch.zeros(K, L_, width, device=dev)
             self._wa = torch.zeros(K, L_, width, device=dev)
-            self._scratch = torch.empty(K, L_, width, device=dev)  # sign(g), then W_after - W_before
             views = lambda buf: [[buf[k, i, :n].view_as(w) for i, (n, w) in enumerate(zip(self._numel, weights))]
                                  for k in range(K)]
             self._g_views, self._wb_views, self._wa_views = views(self._g), views(self._wb), views(self._wa)
@@ -336,9 +335,9 @@ class GradientStatsCallback(L.Callback):
             return
         L_ = len(self.linears)
         if self._stacked:
-            grad = stats.stacked_gradient_stats(self._g[:n], self._numel_t, self._scratch[:n])
+            grad = stats.stacked_gradient_stats(self._g[:n], self._numel_t)
             grad = torch.cat([grad, torch.zeros(n, L_, 1, device=grad.device)], dim=2)
-            weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel_t, self._scratch[:n])
+            weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel_t)
         else:
             grad, weight = self._grad_rows[:n], self._weight_rows[:n]
         inv_scale = torch.tensor(self._inv_scale[:n], dtype=torch.float64, device=self._device)

@@ -42,27 +42,26 @@ def _grad_columns(n: Tensor, total: Tensor, norm: Tensor, absmax: Tensor, nonzer
 
 # ---- stacked layout: [..., layers, max numel], zero-padded ------------------------------------------
 @torch.no_grad()
-def stacked_gradient_stats(g: Tensor, numel: Tensor, scratch: Tensor | None = None) -> Tensor:
+def stacked_gradient_stats(g: Tensor, numel: Tensor) -> Tensor:
     """[..., L, 5] (the GRAD_STATS columns) from zero-padded gradients g [..., L, M]; numel [L] is each
     layer's true size. NaN/Inf propagate into norm, mean and std: a broken gradient never reads as a number
     (nor does its zero fraction: count those rows' zeros with `stacked_zero_counts`).
 
     Only reductions CPU kernels vectorise along the last dim (sum, norm, amax, amin): aminmax,
     count_nonzero and sums of booleans along a dim measured 10-40x slower, so non-zeros are counted
-    as ||sign(g)||^2, rounded. `scratch` (optional, g's shape): holds sign(g) instead of a new tensor."""
+    as ||sign(g)||^2, rounded."""
     absmax = torch.maximum(g.amax(-1), -g.amin(-1))
-    signs = g.sign() if scratch is None else torch.sign(g, out=scratch)
-    nonzero = torch.linalg.vector_norm(signs, dim=-1).square_().round_()
+    nonzero = torch.linalg.vector_norm(g.sign(), dim=-1).square_().round_()
     return _grad_columns(numel, g.sum(-1), torch.linalg.vector_norm(g, dim=-1), absmax, nonzero)
 
 
 @torch.no_grad()
-def stacked_weight_stats(before: Tensor, after: Tensor, numel: Tensor, scratch: Tensor | None = None) -> Tensor:
+def stacked_weight_stats(before: Tensor, after: Tensor, numel: Tensor) -> Tensor:
     """[..., L, 3]: mean and std of the weights after the step and ||W_after - W_before|| / ||W_after||,
-    from zero-padded weights [..., L, M]. `scratch` (optional, their shape) holds the difference."""
+    from zero-padded weights [..., L, M]."""
     norm = torch.linalg.vector_norm(after, dim=-1)
     mean, std = _mean_std(numel, after.sum(-1), norm)
-    step = torch.linalg.vector_norm(after - before if scratch is None else torch.sub(after, before, out=scratch), dim=-1)
+    step = torch.linalg.vector_norm(after - before, dim=-1)
     return torch.stack([mean, std, step.double() / norm.double().clamp_min(1e-30)], dim=-1).float()
 
 
@@ -131,7 +130,7 @@ def gradient_stats(grads: Sequence[Tensor]) -> Tensor:
     here); NaN makes the zero fraction NaN too (count those with `zero_fractions`)."""
     flat = [g.reshape(-1) for g in grads]
     numel = torch.tensor([t.numel() for t in flat], dtype=torch.float64, device=flat[0].device)
-    # float32 signs: a half-precision norm cannot count past a few hundred
+    # float32 signs: a half-precision norm cannot count exactly past 256
     signs = [t.sign().float() if t.element_size() < 4 else t.sign() for t in flat]
     bounds = [torch.aminmax(t) for t in flat]
     cols = torch.stack([t.sum() for t in flat] + [b.max for b in bounds] + [b.min for b in bounds]

@@ -41,7 +41,7 @@ def test_gradient_stats_match_reference(shapes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_zero_fraction_is_exact(dtype):
     """Non-zeros are counted as ||sign g||^2: exact for big layers, and in bfloat16 (whose own norm could
-    not count past a few hundred)."""
+    not count exactly past 256)."""
     g = torch.randn(300, 301, generator=torch.Generator().manual_seed(4)).to(dtype)
     g[:97] = 0
     expected = 1 - torch.count_nonzero(g).item() / g.numel()
