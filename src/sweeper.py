@@ -203,24 +203,22 @@ def _validate(sw, fixed: list[str], points: list[dict]) -> None:
     problems, composed = [], {}
     for p in points:
         choice = tuple((k, str(v)) for k, v in p.items() if is_group(k))
-        if choice in composed:
-            if composed[choice] is None:  # its composition failed: that problem is already said
+        if choice not in composed:  # the first point of this choice: as Hydra composes it
+            try:
+                cfg = composed[choice] = loader.load_sweep_config(sw.config, fixed + sweep.as_overrides(p))
+            except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad option and the others
+                problems.append(str(e).split("\nConfig search path")[0].strip())
+                composed[choice] = None
                 continue
+            with open_dict(cfg):
+                del cfg["hydra"]  # Hydra's own node needs a job to resolve; the task config is what we check
+        elif composed[choice] is None:  # its composition failed: that problem is already said
+            continue
+        else:
             cfg = copy.deepcopy(composed[choice])
             for k, v in p.items():
                 if not is_group(k):
                     OmegaConf.update(cfg, k, parser.parse_override(f"{k}={v}").value(), merge=True)
-            problems += validate.problems(cfg)
-            continue
-        try:
-            cfg = loader.load_sweep_config(sw.config, fixed + sweep.as_overrides(p))
-        except Exception as e:  # noqa: BLE001 - Hydra's own message names the bad option and lists the others
-            problems.append(str(e).split("\nConfig search path")[0].strip())
-            composed[choice] = None
-            continue
-        with open_dict(cfg):
-            del cfg["hydra"]  # Hydra's own node needs a job to resolve; the task config is what we check
-        composed[choice] = cfg
         problems += validate.problems(cfg)
     if problems:
         raise validate.ConfigError("\n".join(dict.fromkeys(problems)))
