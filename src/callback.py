@@ -8,12 +8,15 @@ mixed precision), the back-propagated signal dL/ds at the layer's output s (a te
 of the activation module that runs after the layer (any registry activation, reused modules included),
 the weights, and the relative size of the step actually taken.
 
-Cost. A recorded step only *captures* its raw inputs into preallocated ring buffers of `ring_steps` steps
-(one `_foreach_copy_` each for the gradients, the weights before and after the step, the pre-activations);
-every `ring_steps` steps (and when training ends) the statistics of all buffered steps are computed in a
-few stacked ops, written to the trace and handed to the loggers *with their own step numbers*. Big nets,
-whose copies would cost more than the dispatch they save, reduce gradients and weights at the step itself
-(whole-tensor passes) and buffer only the small per-step results. Activation module hooks run on the first
+Cost. Float32 weights on the CPU go through one compiled pass on each side of the optimizer step
+(src/fused.py: the gradient's sums and a copy of the weights before the step, the weights' sums and the
+step's size after it); only the per-layer sums are buffered. Elsewhere (GPU, other dtypes, no C compiler) a
+recorded step only *captures* its raw inputs into preallocated ring buffers of `ring_steps` steps (one
+`_foreach_copy_` each for the gradients and the weights before and after the step); big nets, whose copies
+would cost more than the dispatch they save, reduce them at the step itself (whole-tensor passes) and buffer
+only the small per-step results. Pre-activations are always buffered. Every `ring_steps` steps (and when
+training ends) the statistics of all buffered steps are computed in a few stacked ops, written to the trace
+and handed to the loggers *with their own step numbers*. Activation module hooks run on the first
 recorded step only, to learn which activation follows which layer; afterwards f(s) is recomputed from the
 layer output s kept by the Linear hook (the same op on the same input).
 """
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from src import stats
+from src import fused, stats
 from src.registry import ACTIVATION_BY_TYPE
 from src.trace import TraceWriter
 
@@ -116,7 +119,10 @@ class GradientStatsCallback(L.Callback):
         self._device = dev
         self._numel = [w.numel() for w in weights]
         width = max(self._numel)
-        self._stacked = L_ * width <= STACK_MAX_NUMEL
+        # the fused C pass where it applies (float32 on the CPU); else batched torch ops
+        lib = fused.library() if fused.eligible(weights) else None
+        self.path = "fused" if lib else "stacked" if L_ * width <= STACK_MAX_NUMEL else "per_tensor"
+        self._stacked = self.path == "stacked"
         per_step = 3 * L_ * width if self._stacked else 0
         self._K = self.ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // max(per_step, 1)))
         K = self._K
@@ -133,6 +139,11 @@ class GradientStatsCallback(L.Callback):
             views = lambda buf: [[buf[k, i, :n].view_as(w) for i, (n, w) in enumerate(zip(self._numel, weights))]
                                  for k in range(K)]
             self._g_views, self._wb_views, self._wa_views = views(self._g), views(self._wb), views(self._wa)
+        elif self.path == "fused":  # per step: a row of raw sums per layer, turned into statistics at flush
+            self._numel_t = torch.tensor(self._numel, dtype=torch.float64, device=dev)
+            self._passes = fused.FusedPasses(lib, weights)
+            self._grad_sums = torch.zeros(K, L_, len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
+            self._weight_sums = torch.zeros(K, L_, len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
         else:
             self._grad_rows = torch.zeros(K, L_, len(stats.GRAD_STATS) + 1, device=dev)
             self._weight_rows = torch.zeros(K, L_, len(stats.WEIGHT_STATS) + 1, device=dev)
@@ -214,6 +225,9 @@ class GradientStatsCallback(L.Callback):
         k = len(self._steps)
         self._stepped = True
         with torch.no_grad():
+            if self.path == "fused":  # also keeps the weights before the step
+                self._passes.grad_pass(grads, self._grad_sums[k])
+                return
             if self._stacked:
                 torch._foreach_copy_(self._g_views[k], grads)
                 torch._foreach_copy_(self._wb_views[k], weights)
@@ -236,7 +250,9 @@ class GradientStatsCallback(L.Callback):
         k = len(self._steps)
         weights = [lin.weight for lin in self.linears]
         with torch.no_grad():
-            if self._stacked:
+            if self.path == "fused":
+                self._passes.weight_pass(self._weight_sums[k])
+            elif self._stacked:
                 torch._foreach_copy_(self._wa_views[k], weights)
             else:
                 torch._foreach_sub_(self._snapshot, weights)  # in place: W_before - W_after, no allocation
@@ -334,7 +350,10 @@ class GradientStatsCallback(L.Callback):
         if n == 0:
             return
         L_ = len(self.linears)
-        if self._stacked:
+        if self.path == "fused":
+            grad = stats.gradient_stats_from_sums(self._grad_sums[:n], self._numel_t)
+            weight = stats.weight_stats_from_sums(self._weight_sums[:n], self._numel_t)
+        elif self._stacked:
             grad = stats.stacked_gradient_stats(self._g[:n], self._numel_t)
             grad = torch.cat([grad, torch.zeros(n, L_, 1, device=grad.device)], dim=2)
             weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel_t)

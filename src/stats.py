@@ -121,6 +121,34 @@ def _own(x: Tensor, source: Tensor) -> Tensor:
     return x.clone() if x.data_ptr() == source.data_ptr() else x
 
 
+# ---- raw per-layer sums of the fused pass (src/fused.c), one row per layer -----------------------------
+# "shifted": of x - c, c the layer's first entry ("shift"), for a variance without cancellation
+FUSED_GRAD_SUMS = ("shift", "shifted_sum", "shifted_sum_sq", "sum_sq", "absmax", "nonzero", "nonfinite", "nan")
+FUSED_WEIGHT_SUMS = ("shift", "shifted_sum", "shifted_sum_sq", "sum_sq", "step_sum_sq")
+
+
+def _shifted_mean_std(numel: Tensor, shift: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
+    centred = total / numel
+    return shift + centred, (total_sq / numel - centred * centred).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def gradient_stats_from_sums(sums: Tensor, numel: Tensor) -> Tensor:
+    """[..., L, 6]: the GRAD_STATS columns and grad_nonfinite from float64 sums [..., L, FUSED_GRAD_SUMS] of
+    layers of numel [L] entries. The zero fraction is exact even beside NaN (NaN and Inf are not zeros)."""
+    shift, total, total_sq, sq, absmax, nonzero, nonfinite, _ = sums.unbind(-1)
+    mean, std = _shifted_mean_std(numel, shift, total, total_sq)
+    return torch.stack([sq.sqrt(), mean, std, absmax, 1 - nonzero / numel, nonfinite], dim=-1).float()
+
+
+@torch.no_grad()
+def weight_stats_from_sums(sums: Tensor, numel: Tensor) -> Tensor:
+    """[..., L, 3] (as weight_stats) from float64 sums [..., L, FUSED_WEIGHT_SUMS]."""
+    shift, total, total_sq, sq, step_sq = sums.unbind(-1)
+    mean, std = _shifted_mean_std(numel, shift, total, total_sq)
+    return torch.stack([mean, std, step_sq.sqrt() / sq.sqrt().clamp_min(1e-30)], dim=-1).float()
+
+
 # ---- per tensor: one step, layers reduced whole -------------------------------------------------------
 @torch.no_grad()
 def gradient_stats(grads: Sequence[Tensor]) -> Tensor:

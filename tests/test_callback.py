@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from src import callback
+from src import callback, fused
 from src.callback import GradientStatsCallback
 from src.registry import ACTIVATION_BY_TYPE, ACTIVATIONS
 from src.stats import LAYER_STATS
@@ -123,13 +123,23 @@ def test_gradient_accumulation_reports_the_optimizer_step(tmp_path):
         assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
 
 
-@pytest.mark.parametrize("path", ["stacked", "per_tensor"])
-def test_non_finite_gradients_are_counted_not_dropped(tmp_path, monkeypatch, path):
+def use_path(monkeypatch, path: str) -> None:
+    """Make the callback take one of its three ways to compute the gradient and weight statistics."""
+    if path == "fused":
+        assert fused.library() is not None, "the fused kernel did not build (CI has a C compiler)"
+    else:
+        monkeypatch.setattr(fused, "library", lambda: None)
     if path == "per_tensor":
         monkeypatch.setattr(callback, "STACK_MAX_NUMEL", 0)
+
+
+@pytest.mark.parametrize("path", ["fused", "stacked", "per_tensor"])
+def test_non_finite_gradients_are_counted_not_dropped(tmp_path, monkeypatch, path):
+    use_path(monkeypatch, path)
     x = X.copy()
     x[0, 0] = np.inf  # one poisoned input: NaN/Inf in the first layer's weight gradient
     logger, cb = fit(tmp_path, x=x)
+    assert cb.path == path
     [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
     assert m["grad_nonfinite/layer_00"] > 0
     assert np.isnan(m["grad_norm/layer_00"])
@@ -239,14 +249,14 @@ class MLP(L.LightningModule):
 
 
 @pytest.mark.parametrize("act,every,path", [("sigmoid", 1, "stacked"), ("relu", 1, "per_tensor"), ("tanh", 2, "stacked"),
-                                            ("sigmoid", 2, "per_tensor")])
+                                            ("sigmoid", 2, "per_tensor"), ("relu", 1, "fused"), ("tanh", 2, "fused")])
 def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, monkeypatch, path, act, every):
     """30 steps, statistics flushed every 6 recorded steps; batches of 4, then 32, then 32-sample epochs
     with a short last batch (5): buffers grow once and partly-filled activation rows are ignored. On the
     per-tensor path the activation statistics are also computed one step at a time (as a big net's are, in
     pieces)."""
+    use_path(monkeypatch, path)
     if path == "per_tensor":
-        monkeypatch.setattr(callback, "STACK_MAX_NUMEL", 0)
         monkeypatch.setattr(callback, "ACT_CHUNK_NUMEL", 1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(101, 4, generator=g) * 3, torch.randint(0, 3, (101,), generator=g)
@@ -258,6 +268,7 @@ def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, m
     trainer = L.Trainer(max_steps=30, logger=logger, callbacks=[plain, cb], enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(MLP(act), data)
+    assert cb.path == path
     trace = read_trace(cb.trace_path)
     assert trace["steps"].tolist() == list(range(0, 30, every))
     for j, stat in enumerate(LAYER_STATS):

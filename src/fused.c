@@ -1,0 +1,97 @@
+/* One pass over each layer's gradient and weights per optimizer step, for float32 CPU tensors.
+ *
+ * grad_pass  (before the step): per layer, the gradient's sum and sum of squares shifted by its first entry
+ *            c (mean and variance without cancellation: a layer's spread may be far below its mean), its
+ *            plain sum of squares (the norm), max |g|, number of non-zero, of non-finite and of NaN entries;
+ *            and a copy of the weights into `prev` (the optimizer changes them in place), block by block.
+ * weight_pass (after the step): the same shifted sums and sum of squares of the weights, and the sum of
+ *            squares of (W - prev), the step actually taken.
+ *
+ * Sums run in float32 lanes over blocks of BLOCK entries (vectorised) and are added up in float64 between
+ * blocks, so their error does not grow with the layer's size. No -ffast-math: NaN and Inf must propagate
+ * into the sums; they are counted from the bits, which the compiler cannot assume away.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define BLOCK 1024
+
+/* output columns: src/stats.py FUSED_GRAD_SUMS and FUSED_WEIGHT_SUMS */
+enum { G_SHIFT, G_SUM, G_SUM_SQ, G_SQ, G_ABSMAX, G_NONZERO, G_NONFINITE, G_NAN, G_WIDTH };
+enum { W_SHIFT, W_SUM, W_SUM_SQ, W_SQ, W_STEP_SQ, W_WIDTH };
+
+static inline int32_t bits_of(float x) { int32_t u; memcpy(&u, &x, sizeof u); return u; }
+
+static void grad_one(const float *restrict g, const float *restrict w, float *restrict prev, int64_t n,
+                     double *out) {
+    const float c = n ? g[0] : 0;
+    double sum = 0, sum_sq = 0, sq = 0;
+    int32_t absmax = 0;  /* the bits of max |g|: non-negative floats order like their bits, NaN above Inf */
+    int64_t nonzero = 0, nonfinite = 0, nan = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t end = start + BLOCK < n ? start + BLOCK : n;
+        float s = 0, sc = 0, q = 0;
+        int32_t m = absmax, nz = 0, nf = 0, nn = 0;
+        for (int64_t j = start; j < end; j++) {
+            float x = g[j];
+            int32_t a = bits_of(x) & 0x7fffffff;  /* |x| as bits */
+            float d = x - c;
+            s += d;
+            sc += d * d;
+            q += x * x;
+            m = a > m ? a : m;
+            nz += a != 0;
+            nf += a >= 0x7f800000;  /* exponent all ones: Inf or NaN */
+            nn += a > 0x7f800000;   /* and a non-zero mantissa: NaN */
+        }
+        memcpy(prev + start, w + start, (size_t)(end - start) * sizeof *w);  /* while the block is hot */
+        sum += s; sum_sq += sc; sq += q; absmax = m;
+        nonzero += nz; nonfinite += nf; nan += nn;
+    }
+    float amax;
+    memcpy(&amax, &absmax, sizeof amax);
+    out[G_SHIFT] = c;
+    out[G_SUM] = sum;
+    out[G_SUM_SQ] = sum_sq;
+    out[G_SQ] = sq;
+    out[G_ABSMAX] = nan ? NAN : amax;
+    out[G_NONZERO] = (double)nonzero;
+    out[G_NONFINITE] = (double)nonfinite;
+    out[G_NAN] = (double)nan;
+}
+
+static void weight_one(const float *restrict w, const float *restrict prev, int64_t n, double *out) {
+    const float c = n ? w[0] : 0;
+    double sum = 0, sum_sq = 0, sq = 0, step = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t end = start + BLOCK < n ? start + BLOCK : n;
+        float s = 0, sc = 0, q = 0, d2 = 0;
+        for (int64_t j = start; j < end; j++) {
+            float x = w[j], d = x - c, u = x - prev[j];
+            s += d;
+            sc += d * d;
+            q += x * x;
+            d2 += u * u;
+        }
+        sum += s; sum_sq += sc; sq += q; step += d2;
+    }
+    out[W_SHIFT] = c;
+    out[W_SUM] = sum;
+    out[W_SUM_SQ] = sum_sq;
+    out[W_SQ] = sq;
+    out[W_STEP_SQ] = step;
+}
+
+/* out: [layers, G_WIDTH] doubles */
+void grad_pass(int64_t layers, const float **g, const float **w, float **prev, const int64_t *n, double *out) {
+    for (int64_t i = 0; i < layers; i++)
+        grad_one(g[i], w[i], prev[i], n[i], out + i * G_WIDTH);
+}
+
+/* out: [layers, W_WIDTH] doubles */
+void weight_pass(int64_t layers, const float **w, const float **prev, const int64_t *n, double *out) {
+    for (int64_t i = 0; i < layers; i++)
+        weight_one(w[i], prev[i], n[i], out + i * W_WIDTH);
+}
+

@@ -1,0 +1,111 @@
+"""The fused C pass (src/fused.c): its sums, turned into statistics, against the plain reference; NaN/Inf;
+layer sizes that do not fill its blocks or vector lanes; building, caching and the fallback."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from src import fused, stats
+from tests import reference_stats as ref
+
+
+@pytest.fixture
+def lib():
+    lib = fused.library()
+    assert lib is not None, "the fused kernel did not build (CI has a C compiler)"
+    return lib
+
+
+def _passes(lib, weights, grads, step):
+    """Both passes around an optimizer step that adds `step` to the weights; the resulting statistics."""
+    numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
+    p = fused.FusedPasses(lib, weights)
+    g_sums = torch.zeros(len(weights), len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
+    w_sums = torch.zeros(len(weights), len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
+    p.grad_pass(grads, g_sums)
+    before = [w.clone() for w in weights]
+    assert all(torch.equal(a, b) for a, b in zip(p.prev, before))  # the pre-step copy
+    for w, d in zip(weights, step):
+        w.add_(d)
+    p.weight_pass(w_sums)
+    return (stats.gradient_stats_from_sums(g_sums, numel), stats.weight_stats_from_sums(w_sums, numel),
+            g_sums, before)
+
+
+# sizes around the 1024-entry block and the 4/8/16-float vector lanes; one layer bigger than a block
+SHAPES = [[(1,)], [(3, 5), (17,), (1023,), (1025,)], [(64, 64)] * 10 + [(10, 64)], [(256, 300), (1, 7)]]
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_sums_give_the_reference_statistics(lib, shapes):
+    g = torch.Generator().manual_seed(len(shapes))
+    grads = [torch.randn(s, generator=g) * 10 ** torch.randint(-6, 2, (1,), generator=g).item() for s in shapes]
+    grads[-1][grads[-1].abs() < grads[-1].abs().median()] = 0  # exact zeros, as dead ReLUs give
+    weights = [torch.randn(s, generator=g) + 0.5 for s in shapes]
+    step = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
+    grad, weight, _, before = _passes(lib, weights, grads, step)
+    torch.testing.assert_close(grad[:, :5], ref.moments(grads), rtol=1e-5, atol=1e-7)
+    assert grad[:, 5].tolist() == [0.0] * len(shapes)  # grad_nonfinite
+    torch.testing.assert_close(weight[:, :2], ref.mean_std(weights), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight[:, 2], ref.update_ratio(before, weights), rtol=1e-5, atol=0)
+
+
+def test_nan_and_inf_are_counted_and_propagate(lib):
+    g = torch.zeros(2000)
+    g[[3, 1500]] = float("nan")
+    g[[10, 11, 1999]] = torch.tensor([float("inf"), -float("inf"), 2.5])
+    clean = torch.tensor([0.0, -3.0, 0.0, 1.0, 0.0])
+    inf_only = torch.tensor([1.0, -float("inf")])
+    grad, _, sums, _ = _passes(lib, [torch.ones(2000), torch.ones(5), torch.ones(2)], [g, clean, inf_only],
+                               [torch.zeros(2000), torch.zeros(5), torch.zeros(2)])
+    nan_row, clean_row, inf_row = grad.tolist()
+    assert all(math.isnan(v) for v in nan_row[:4])  # norm, mean, std, max |g|: never a made-up number
+    assert nan_row[4] == pytest.approx(1 - 5 / 2000)  # zero fraction exact: NaN and Inf are not zeros
+    assert nan_row[5] == 4 and sums[0, stats.FUSED_GRAD_SUMS.index("nan")] == 2
+    assert clean_row == pytest.approx([math.sqrt(10), -0.4, math.sqrt(2 - 0.16), 3.0, 0.6, 0.0])
+    assert inf_row[0] == math.inf and inf_row[3] == math.inf and inf_row[5] == 1
+
+
+def test_non_contiguous_and_replaced_tensors(lib):
+    w = torch.randn(8, 5)
+    grad_t = torch.randn(5, 8).t()  # a transposed gradient: copied before the pass
+    grad, weight, _, _ = _passes(lib, [w], [grad_t], [torch.zeros(8, 5)])
+    torch.testing.assert_close(grad[:, :5], ref.moments([grad_t]), rtol=1e-5, atol=1e-7)
+    p = fused.FusedPasses(lib, [w])
+    out = torch.zeros(1, len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
+    w.data = torch.full((8, 5), 2.0)  # param.data swapped for new storage: the pass follows it
+    p.weight_pass(out)
+    assert stats.weight_stats_from_sums(out, torch.tensor([40.0]))[0, :2].tolist() == [2.0, 0.0]
+    w.data = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="shape"):
+        p.weight_pass(out)
+
+
+def test_eligibility():
+    assert fused.eligible([torch.zeros(3, 3)])
+    assert not fused.eligible([torch.zeros(3, 3, dtype=torch.float64)])
+    assert not fused.eligible([torch.zeros(3, 4).t()])
+
+
+def test_build_is_cached_and_disabled_or_missing_compiler_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path))
+    fused.library.cache_clear()
+    try:
+        assert fused.library() is not None
+        [so] = tmp_path.glob("fused-*.so")
+        built = so.stat().st_mtime_ns
+        fused.library.cache_clear()
+        assert fused.library() is not None and so.stat().st_mtime_ns == built  # loaded, not rebuilt
+        fused.library.cache_clear()
+        monkeypatch.setenv("GRADFLOW_FUSED", "0")
+        assert fused.library() is None
+        monkeypatch.delenv("GRADFLOW_FUSED")
+        fused.library.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        with caplog.at_level("WARNING"):
+            assert fused.library() is None
+        assert "slower torch path" in caplog.text
+    finally:
+        fused.library.cache_clear()
