@@ -14,11 +14,14 @@ step's size after it); only the per-layer sums are buffered. Elsewhere (GPU, oth
 recorded step only *captures* its raw inputs into preallocated ring buffers of `ring_steps` steps (one
 `_foreach_copy_` each for the gradients and the weights before and after the step); big nets, whose copies
 would cost more than the dispatch they save, reduce them at the step itself (whole-tensor passes) and buffer
-only the small per-step results. Pre-activations are always buffered. Every `ring_steps` steps (and when
+only the small per-step results. Activation module hooks run on the first recorded step, to learn which
+activation follows which layer. Then, on the fused path, if the kernel knows every activation (identity,
+ReLU, sigmoid, tanh) they stay, and each step's activation outputs are reduced at its end in one call;
+otherwise they are removed (if each reads its layer's output), the pre-activations are buffered too, and f(s)
+is recomputed from the layer output s kept by the Linear hook (the same op on the same input). Every
+`ring_steps` steps (and when
 training ends) the statistics of all buffered steps are computed in a few stacked ops, written to the trace
-and handed to the loggers *with their own step numbers*. Activation module hooks run on the first
-recorded step only, to learn which activation follows which layer; afterwards f(s) is recomputed from the
-layer output s kept by the Linear hook (the same op on the same input).
+and handed to the loggers *with their own step numbers*.
 """
 from __future__ import annotations
 
@@ -111,6 +114,8 @@ class GradientStatsCallback(L.Callback):
         self._act_of: dict[int, nn.Module] = {}
         self._direct_pre: set[int] = set()  # layers whose activation input is exactly the Linear output
         self._pre: list[Tensor | None] = [None] * L_
+        self._act_out: list[Tensor | None] = [None] * L_  # activation outputs of the step (fused path)
+        self._act_kernel: fused.ActivationPass | None = None
         self._signals: list[Tensor | None] = [None] * L_
         self._last_linear = None
         self._act_groups: list | None = None
@@ -122,7 +127,7 @@ class GradientStatsCallback(L.Callback):
         # the fused C pass where it applies (float32 on the CPU); else batched torch ops
         lib = fused.library() if fused.eligible(weights) else None
         self.path = "fused" if lib else "stacked" if L_ * width <= STACK_MAX_NUMEL else "per_tensor"
-        self._stacked = self.path == "stacked"
+        self._stacked, self._lib = self.path == "stacked", lib
         per_step = 3 * L_ * width if self._stacked else 0
         self._K = self.ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // max(per_step, 1)))
         K = self._K
@@ -178,6 +183,8 @@ class GradientStatsCallback(L.Callback):
             if self._armed and module.training and out.requires_grad:
                 self._last_linear = i
                 self._pre[i] = out
+                # one tensor hook per layer: torch's register_multi_grad_hook (one call for all layers)
+                # measured 0.15-0.35 ms slower per step on a 20-layer net, as it wraps a hook per tensor itself
                 out.register_hook(keep_signal)
 
         return hook
@@ -186,6 +193,7 @@ class GradientStatsCallback(L.Callback):
         i = self._last_linear
         if self._armed and module.training and i is not None:
             self._act_of[i] = module  # the last micro-batch's activations stand for the step
+            self._act_out[i] = out
             if inputs[0] is self._pre[i]:
                 self._direct_pre.add(i)
             else:  # something between the layer and its activation: keep this hook for the real input
@@ -259,18 +267,33 @@ class GradientStatsCallback(L.Callback):
                 self._weight_rows[k] = stats.weight_stats(weights, self._snapshot)
         self._steps.append(self._armed_step)
         self._loggers = trainer.loggers
+        if self._act_kernel is not None:
+            self._act_kernel([self._act_out[i] for i in self._act_idx], self._act_sums[k])
         if self._discovering:
             self._end_discovery()
+        self._act_out = [None] * len(self.linears)  # release the step's activations
         if len(self._steps) == self._K:
             self.flush()
 
     # ---- activations ----------------------------------------------------------------------------------
     def _end_discovery(self):
-        """After one recorded step: group the layers with an activation by (activation type and options, batch,
-        width) into ring buffers of their pre-activations; drop the activation hooks if every activation reads
-        its layer's output."""
+        """After one recorded step. On the fused path, when every activation is one the kernel knows, with
+        float32 outputs: keep the activation hooks and reduce their outputs at each step's end. Otherwise group
+        the layers with an activation by (activation type and options, batch, width) into ring buffers of their
+        pre-activations, and drop the activation hooks if every activation reads its layer's output."""
         self._discovering = False
         self.act_layers = set(self._act_of)
+        idx = sorted(self._act_of)
+        kinds = [fused.ACT_KINDS.get(type(self._act_of[i])) for i in idx]
+        if self._lib and None not in kinds and all(
+                self._act_out[i].device.type == "cpu" and self._act_out[i].dtype == torch.float32 for i in idx):
+            limits = [self.threshold * ACTIVATION_BY_TYPE[type(self._act_of[i])].max_derivative for i in idx]
+            self._act_kernel, self._act_idx = fused.ActivationPass(self._lib, kinds, limits), idx
+            self._act_sums = torch.zeros(self._K, len(idx), len(stats.FUSED_ACT_SUMS), dtype=torch.float64)
+            self._act_groups = []
+            self._act_views()
+            self._act_kernel([self._act_out[i] for i in idx], self._act_sums[len(self._steps) - 1])
+            return
         if self._act_groups is None:
             self._act_groups = []
             by_key: dict[tuple, list[int]] = {}
@@ -363,6 +386,8 @@ class GradientStatsCallback(L.Callback):
         bp = (self._bp_sq[:n].sqrt() * inv_scale[:, None]).float()
         act = torch.full((n, L_, len(stats.ACT_STATS)), float("nan"), device=self._device)
         rows = torch.tensor(self._rows[:n], device=self._device)
+        if self._act_kernel is not None:
+            act[:, self._act_idx] = stats.activation_stats_from_sums(self._act_sums[:n]).to(act.device)
         for grp in self._act_groups or []:
             full = bool((rows == grp["buf"].shape[2]).all())
             buf = grp["buf"][:n]

@@ -6,6 +6,9 @@
  *            and a copy of the weights into `prev` (the optimizer changes them in place), block by block.
  * weight_pass (after the step): the same shifted sums and sum of squares of the weights, and the sum of
  *            squares of (W - prev), the step actually taken.
+ * act_pass   (after the step): per layer, the activation output's count, shifted sums and number of
+ *            saturated entries, where f'(s) < limit, with f' computed from the output as the registry
+ *            computes it (ReLU: f' = 0 where the output is 0; sigmoid: p - p*p; tanh: 1 - t*t).
  *
  * Sums run in float32 lanes over blocks of BLOCK entries (vectorised) and are added up in float64 between
  * blocks, so their error does not grow with the layer's size. No -ffast-math: NaN and Inf must propagate
@@ -20,6 +23,8 @@
 /* output columns: src/stats.py FUSED_GRAD_SUMS and FUSED_WEIGHT_SUMS */
 enum { G_SHIFT, G_SUM, G_SUM_SQ, G_SQ, G_ABSMAX, G_NONZERO, G_NONFINITE, G_NAN, G_WIDTH };
 enum { W_SHIFT, W_SUM, W_SUM_SQ, W_SQ, W_STEP_SQ, W_WIDTH };
+enum { A_COUNT, A_SHIFT, A_SUM, A_SUM_SQ, A_SATURATED, A_WIDTH };
+enum { IDENTITY, RELU, SIGMOID, TANH };  /* src/fused.py ACT_KINDS */
 
 static inline int32_t bits_of(float x) { int32_t u; memcpy(&u, &x, sizeof u); return u; }
 
@@ -83,10 +88,50 @@ static void weight_one(const float *restrict w, const float *restrict prev, int6
     out[W_STEP_SQ] = step;
 }
 
+/* The kind is a constant in each caller below, so each gets its own vectorised loop. */
+static inline void act_loop(const float *restrict a, int64_t n, int kind, float limit, double *out) {
+    const float c = n ? a[0] : 0;
+    double sum = 0, sum_sq = 0;
+    int64_t saturated = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t end = start + BLOCK < n ? start + BLOCK : n;
+        float s = 0, sc = 0;
+        int32_t sat = 0;
+        for (int64_t j = start; j < end; j++) {
+            float x = a[j], d = x - c;
+            s += d;
+            sc += d * d;
+            if (kind == RELU) sat += x == 0;
+            else if (kind == SIGMOID) sat += x - x * x < limit;
+            else if (kind == TANH) sat += 1.0f - x * x < limit;
+        }
+        sum += s; sum_sq += sc; saturated += sat;
+    }
+    out[A_COUNT] = (double)n;
+    out[A_SHIFT] = c;
+    out[A_SUM] = sum;
+    out[A_SUM_SQ] = sum_sq;
+    out[A_SATURATED] = (double)saturated;
+}
+
 /* out: [layers, G_WIDTH] doubles */
 void grad_pass(int64_t layers, const float **g, const float **w, float **prev, const int64_t *n, double *out) {
     for (int64_t i = 0; i < layers; i++)
         grad_one(g[i], w[i], prev[i], n[i], out + i * G_WIDTH);
+}
+
+/* out: [layers, A_WIDTH] doubles; kinds and limits per layer */
+void act_pass(int64_t layers, const float **a, const int64_t *n, const int32_t *kinds, const float *limits,
+              double *out) {
+    for (int64_t i = 0; i < layers; i++) {
+        double *o = out + i * A_WIDTH;
+        switch (kinds[i]) {
+            case RELU: act_loop(a[i], n[i], RELU, limits[i], o); break;
+            case SIGMOID: act_loop(a[i], n[i], SIGMOID, limits[i], o); break;
+            case TANH: act_loop(a[i], n[i], TANH, limits[i], o); break;
+            default: act_loop(a[i], n[i], IDENTITY, limits[i], o);
+        }
+    }
 }
 
 /* out: [layers, W_WIDTH] doubles */

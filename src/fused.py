@@ -23,17 +23,22 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 # No -ffast-math: NaN/Inf must propagate. Reassociation alone lets the float32 block sums vectorise.
+# No FMA contraction: f'(s) from an activation's output must round as the registry's torch ops round it.
 FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-         "-fno-signed-zeros"]
+         "-fno-signed-zeros", "-ffp-contract=off"]
 # Tuned for the CPU it runs on (AVX-512 here: 4x the lanes of the x86-64 baseline); the cache key holds the
 # CPU's identity, so a home directory shared by different nodes keeps one build per kind of CPU.
 NATIVE = ["-march=native"]
+
+
+# activation modules whose saturation the kernel counts from their output (fused.c's kinds)
+ACT_KINDS = {nn.Identity: 0, nn.ReLU: 1, nn.Sigmoid: 2, nn.Tanh: 3}
 
 
 def _cache_dir() -> Path:
@@ -85,7 +90,8 @@ def library() -> ctypes.CDLL | None:
     ptrs, i64 = ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
     lib.grad_pass.argtypes = [i64, ptrs, ptrs, ptrs, ctypes.c_void_p, ctypes.c_void_p]
     lib.weight_pass.argtypes = [i64, ptrs, ptrs, ctypes.c_void_p, ctypes.c_void_p]
-    lib.grad_pass.restype = lib.weight_pass.restype = None
+    lib.act_pass.argtypes = [i64, ptrs, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.grad_pass.restype = lib.weight_pass.restype = lib.act_pass.restype = None
     return lib
 
 
@@ -128,3 +134,21 @@ class FusedPasses:
     def weight_pass(self, out: Tensor) -> None:
         self._check_weights()
         self.lib.weight_pass(len(self.weights), self._w, self._prev, self._n.data_ptr(), out.data_ptr())
+
+
+class ActivationPass:
+    """The activation outputs of fixed layers, one kernel call per step: a contiguous float64 row of
+    stats.FUSED_ACT_SUMS per layer into `out`. kinds: ACT_KINDS values; limits: threshold x max f'."""
+
+    def __init__(self, lib: ctypes.CDLL, kinds: list[int], limits: list[float]):
+        self.lib, L_ = lib, len(kinds)
+        self._kinds, self._limits = (ctypes.c_int32 * L_)(*kinds), (ctypes.c_float * L_)(*limits)
+        self._a, self._n = (ctypes.c_void_p * L_)(), (ctypes.c_int64 * L_)()
+
+    def __call__(self, outputs: list[Tensor | None], out: Tensor) -> None:
+        """A layer without an output this step (None) gets a count of 0."""
+        outputs = [None if a is None else a if a.is_contiguous() else a.contiguous() for a in outputs]
+        self._a[:] = [None if a is None else a.data_ptr() for a in outputs]
+        self._n[:] = [0 if a is None else a.numel() for a in outputs]
+        self.lib.act_pass(len(outputs), self._a, ctypes.addressof(self._n), ctypes.addressof(self._kinds),
+                          ctypes.addressof(self._limits), out.data_ptr())

@@ -125,6 +125,7 @@ def _own(x: Tensor, source: Tensor) -> Tensor:
 # "shifted": of x - c, c the layer's first entry ("shift"), for a variance without cancellation
 FUSED_GRAD_SUMS = ("shift", "shifted_sum", "shifted_sum_sq", "sum_sq", "absmax", "nonzero", "nonfinite", "nan")
 FUSED_WEIGHT_SUMS = ("shift", "shifted_sum", "shifted_sum_sq", "sum_sq", "step_sum_sq")
+FUSED_ACT_SUMS = ("count", "shift", "shifted_sum", "shifted_sum_sq", "saturated")
 
 
 def _shifted_mean_std(numel: Tensor, shift: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,6 +148,15 @@ def weight_stats_from_sums(sums: Tensor, numel: Tensor) -> Tensor:
     shift, total, total_sq, sq, step_sq = sums.unbind(-1)
     mean, std = _shifted_mean_std(numel, shift, total, total_sq)
     return torch.stack([mean, std, step_sq.sqrt() / sq.sqrt().clamp_min(1e-30)], dim=-1).float()
+
+
+@torch.no_grad()
+def activation_stats_from_sums(sums: Tensor) -> Tensor:
+    """[..., L, 3] (the ACT_STATS columns) from float64 sums [..., L, FUSED_ACT_SUMS]; NaN where the count
+    is 0 (the layer's activation did not run that step)."""
+    count, shift, total, total_sq, saturated = sums.unbind(-1)
+    mean, std = _shifted_mean_std(count, shift, total, total_sq)
+    return torch.stack([mean, std, saturated / count], dim=-1).float()
 
 
 # ---- per tensor: one step, layers reduced whole -------------------------------------------------------

@@ -249,7 +249,8 @@ class MLP(L.LightningModule):
 
 
 @pytest.mark.parametrize("act,every,path", [("sigmoid", 1, "stacked"), ("relu", 1, "per_tensor"), ("tanh", 2, "stacked"),
-                                            ("sigmoid", 2, "per_tensor"), ("relu", 1, "fused"), ("tanh", 2, "fused")])
+                                            ("sigmoid", 2, "per_tensor"), ("relu", 1, "fused"), ("tanh", 2, "fused"),
+                                            ("sigmoid", 1, "fused"), ("gelu", 1, "fused")])
 def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, monkeypatch, path, act, every):
     """30 steps, statistics flushed every 6 recorded steps; batches of 4, then 32, then 32-sample epochs
     with a short last batch (5): buffers grow once and partly-filled activation rows are ignored. On the
@@ -269,6 +270,8 @@ def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, m
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(MLP(act), data)
     assert cb.path == path
+    # on the fused path the kernel reduces the activation outputs too, for the activations it knows
+    assert (cb._act_kernel is not None) == (path == "fused" and act != "gelu")
     trace = read_trace(cb.trace_path)
     assert trace["steps"].tolist() == list(range(0, 30, every))
     for j, stat in enumerate(LAYER_STATS):

@@ -109,3 +109,25 @@ def test_build_is_cached_and_disabled_or_missing_compiler_falls_back(tmp_path, m
         assert "slower torch path" in caplog.text
     finally:
         fused.library.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["relu", "sigmoid", "tanh", "identity"])
+def test_activation_sums_give_the_reference_statistics(lib, name):
+    """From the activation's output alone: mean, std and the saturated fraction where f'(s) < 5 % of max f',
+    as the reference computes them from the pre-activation."""
+    from src.registry import ACTIVATIONS
+
+    entry = ACTIVATIONS[name]
+    g = torch.Generator().manual_seed(1)
+    pres = [torch.randn(32, 300, generator=g) * 4, torch.randn(5, 7, generator=g) * 4 + 2]
+    outs = [entry.make()(s) for s in pres]
+    kind = fused.ACT_KINDS[type(entry.make())]
+    kernel = fused.ActivationPass(lib, [kind] * 3, [0.05 * entry.max_derivative] * 3)
+    sums = torch.zeros(3, len(stats.FUSED_ACT_SUMS), dtype=torch.float64)
+    kernel([*outs, None], sums)  # a layer whose activation did not run this step: no numbers made up
+    got = stats.activation_stats_from_sums(sums)
+    expected = ref.activation_stats(outs, pres, [entry.derivative] * 2, [entry.max_derivative] * 2, 0.05)
+    torch.testing.assert_close(got[:2], expected, rtol=1e-5, atol=1e-6)
+    assert got[2].isnan().all()
+    if name == "relu":
+        assert 0.3 < got[0, 2] < 0.7  # about half the units dead: the test exercises the count
