@@ -19,9 +19,8 @@ activation follows which layer. Then, on the fused path, if the kernel knows eve
 ReLU, sigmoid, tanh) they stay, and each step's activation outputs are reduced at its end in one call;
 otherwise they are removed (if each reads its layer's output), the pre-activations are buffered too, and f(s)
 is recomputed from the layer output s kept by the Linear hook (the same op on the same input). Every
-`ring_steps` steps (and when
-training ends) the statistics of all buffered steps are computed in a few stacked ops, written to the trace
-and handed to the loggers *with their own step numbers*.
+`ring_steps` steps (and when training ends) the statistics of all buffered steps are computed in a few
+stacked ops, written to the trace and handed to the loggers *with their own step numbers*.
 """
 from __future__ import annotations
 
