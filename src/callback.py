@@ -118,6 +118,12 @@ class GradientStatsCallback(L.Callback):
         self._signals: list[Tensor | None] = [None] * L_
         self._last_linear = None
         self._act_groups: list | None = None
+        self._steps: list[int] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        """Buffers and the path are chosen here, not in setup: Lightning moves the model to its device
+        between the two."""
+        L_ = len(self.linears)
         weights = [lin.weight for lin in self.linears]
         dev = weights[0].device
         self._device = dev
@@ -130,7 +136,6 @@ class GradientStatsCallback(L.Callback):
         per_step = 3 * L_ * width if self._stacked else 0
         self._K = self.ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // max(per_step, 1)))
         K = self._K
-        self._steps: list[int] = []
         self._rows: list[int] = []  # real samples in each buffered step's activations
         self._inv_scale: list[float] = []
         self._bp_sq = torch.zeros(K, L_, dtype=torch.float64, device=dev)

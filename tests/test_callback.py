@@ -314,3 +314,15 @@ def test_mixed_precision_reports_unscaled_gradients_and_signal(tmp_path):
     for i, (dW, d) in enumerate(((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
         assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=5e-3)
         assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=5e-3)
+
+
+def test_the_path_is_chosen_for_the_model_as_trained(tmp_path):
+    """Lightning converts (and moves) the model after the callbacks' setup: with precision="64-true" the
+    weights are float64 by the first step, so the statistics must not take the float32 kernel chosen from
+    the weights as they were at setup (they would crash on the first step); they must still be right."""
+    logger, cb = fit(tmp_path, precision="64-true")
+    assert cb.path == "stacked" and cb.linears[0].weight.dtype == torch.float64
+    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    h = hand_backprop()
+    for i, dW in enumerate((h["dW1"], h["dW2"])):
+        assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)
