@@ -217,12 +217,13 @@ class GradientStatsCallback(L.Callback):
             return
         # fold this micro-batch's signal into the step's: ||dL/ds||^2 adds up over micro-batches
         row = self._bp_rows[len(self._steps)]
-        if all(g is not None for g in self._signals):
-            norms = torch.stack(torch._foreach_norm(self._signals))
-            row.addcmul_(norms, norms)  # into float64
-        else:  # a layer the loss does not reach (frozen, unused): no signal, NaN rather than a made-up 0
+        if not all(g is not None for g in self._signals):
+            # a layer the loss does not reach (frozen, unused): no signal, NaN rather than a made-up 0
             for i, g in enumerate(self._signals):
                 row[i] = float("nan") if g is None else row[i] + g.double().square().sum()
+        elif not (self.path == "fused" and self._passes.add_squares(self._signals, row)):  # float32 CPU: kernel
+            norms = torch.stack(torch._foreach_norm(self._signals))
+            row.addcmul_(norms, norms)  # into float64
         self._signals = [None] * len(self.linears)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):

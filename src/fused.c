@@ -6,6 +6,7 @@
  *            and a copy of the weights into `prev` (the optimizer changes them in place), block by block.
  * weight_pass (after the step): the same shifted sums and sum of squares of the weights, and the sum of
  *            squares of (W - prev), the step actually taken.
+ * add_squares (after backward): adds each back-propagated signal's sum of squares to a float64 row.
  * act_pass   (after the step): per layer, the activation output's count, shifted sums and number of
  *            saturated entries, where f'(s) < limit, with f' computed from the output as the registry
  *            computes it (ReLU: f' = 0 where the output is 0; sigmoid: p - p*p; tanh: 1 - t*t).
@@ -118,6 +119,22 @@ static inline void act_loop(const float *restrict a, int64_t n, int kind, float 
 void grad_pass(int64_t layers, const float **g, const float **w, float **prev, const int64_t *n, double *out) {
     for (int64_t i = 0; i < layers; i++)
         grad_one(g[i], w[i], prev[i], n[i], out + i * G_WIDTH);
+}
+
+/* out[i] += sum of x[i]^2 */
+void add_squares(int64_t layers, const float **x, const int64_t *n, double *out) {
+    for (int64_t i = 0; i < layers; i++) {
+        const float *restrict v = x[i];
+        double total = 0;
+        for (int64_t start = 0; start < n[i]; start += BLOCK) {
+            int64_t end = start + BLOCK < n[i] ? start + BLOCK : n[i];
+            float q = 0;
+            for (int64_t j = start; j < end; j++)
+                q += v[j] * v[j];
+            total += q;
+        }
+        out[i] += total;
+    }
 }
 
 /* out: [layers, A_WIDTH] doubles; kinds and limits per layer */

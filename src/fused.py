@@ -90,6 +90,8 @@ def library() -> ctypes.CDLL | None:
     ptrs, i64 = ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
     lib.grad_pass.argtypes = [i64, ptrs, ptrs, ptrs, ctypes.c_void_p, ctypes.c_void_p]
     lib.weight_pass.argtypes = [i64, ptrs, ptrs, ctypes.c_void_p, ctypes.c_void_p]
+    lib.add_squares.argtypes = [i64, ptrs, ctypes.c_void_p, ctypes.c_void_p]
+    lib.add_squares.restype = None
     lib.act_pass.argtypes = [i64, ptrs, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.grad_pass.restype = lib.weight_pass.restype = lib.act_pass.restype = None
     return lib
@@ -113,6 +115,7 @@ class FusedPasses:
         self._w, self._prev, self._g = arr(*self._ptrs(weights)), arr(*self._ptrs(self.prev)), arr()
         self._n = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
         self._w_at = [w.data_ptr() for w in weights]
+        self._x, self._x_n = arr(), (ctypes.c_int64 * L_)()
 
     @staticmethod
     def _ptrs(ts: list[Tensor]) -> list[int]:
@@ -136,6 +139,18 @@ class FusedPasses:
         self.lib.weight_pass(len(self.weights), self._w, self._prev, self._n.data_ptr(), out.data_ptr())
 
 
+    def add_squares(self, tensors: list[Tensor], out: Tensor) -> bool:
+        """out[i] += ||tensors[i]||^2 into a contiguous float64 CPU row, one per layer; False (nothing done)
+        unless every tensor is float32 on the CPU (then the caller reduces them itself)."""
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+            return False
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        self._x[:] = self._ptrs(tensors)
+        self._x_n[:] = [t.numel() for t in tensors]
+        self.lib.add_squares(len(tensors), self._x, ctypes.addressof(self._x_n), out.data_ptr())
+        return True
+
+
 class ActivationPass:
     """The activation outputs of fixed layers, one kernel call per step: a contiguous float64 row of
     stats.FUSED_ACT_SUMS per layer into `out`. kinds: ACT_KINDS values; limits: threshold x max f'."""
@@ -152,3 +167,4 @@ class ActivationPass:
         self._n[:] = [0 if a is None else a.numel() for a in outputs]
         self.lib.act_pass(len(outputs), self._a, ctypes.addressof(self._n), ctypes.addressof(self._kinds),
                           ctypes.addressof(self._limits), out.data_ptr())
+

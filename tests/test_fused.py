@@ -131,3 +131,14 @@ def test_activation_sums_give_the_reference_statistics(lib, name):
     assert got[2].isnan().all()
     if name == "relu":
         assert 0.3 < got[0, 2] < 0.7  # about half the units dead: the test exercises the count
+
+
+def test_add_squares_accumulates_and_declines_other_dtypes(lib):
+    w = [torch.zeros(3), torch.zeros(2)]
+    p = fused.FusedPasses(lib, w)
+    row = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    big = torch.randn(40, 50).t()  # non-contiguous
+    assert p.add_squares([big, torch.tensor([3.0, float("inf")])], row)
+    assert row[0].item() == pytest.approx(1 + big.double().square().sum().item(), rel=1e-6)
+    assert row[1].item() == math.inf
+    assert not p.add_squares([torch.ones(3, dtype=torch.bfloat16), torch.ones(2)], row)  # left to torch
