@@ -290,7 +290,7 @@ class GradientStatsCallback(L.Callback):
         self.act_layers = set(self._act_of)
         idx = sorted(self._act_of)
         kinds = [fused.ACT_KINDS.get(type(self._act_of[i])) for i in idx]
-        if self._lib and None not in kinds and all(
+        if self._lib and idx and None not in kinds and all(
                 self._act_out[i].device.type == "cpu" and self._act_out[i].dtype == torch.float32 for i in idx):
             limits = [self.threshold * ACTIVATION_BY_TYPE[type(self._act_of[i])].max_derivative for i in idx]
             self._act_kernel, self._act_idx = fused.ActivationPass(self._lib, kinds, limits), idx

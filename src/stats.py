@@ -1,12 +1,14 @@
 """Per-layer gradient statistics as pure functions of tensors.
 
-Two layouts, one set of formulas:
+Three layouts, one set of formulas:
 - *stacked*: many steps of small layers at once. A layer's tensor lives, flattened and zero-padded, in a
   row of a [steps, layers, max numel] matrix, so each statistic is one op for all steps and layers (per-op
   dispatch, ~5 us on a CPU, is what costs on a small net, not arithmetic). Padding zeros change no sum,
   norm or max |x|; zero counts subtract them.
 - *per tensor*: one step of big layers, each reduced whole (the arithmetic dominates there; row-wise
   reductions of big matrices measured slower than whole-tensor ones).
+- *from sums*: the per-layer sums the fused C pass (src/fused.c) computes in one read of each tensor,
+  turned into the same columns for many steps at once.
 Every function runs under no_grad and returns float32 [..., layers, stats] on the input's device, so a
 caller syncs with the host once for many steps. tests/reference_stats.py holds the plain per-tensor
 formulas these must agree with.
