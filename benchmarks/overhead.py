@@ -1,6 +1,7 @@
 """Per-step cost of the gradient statistics, measured side by side in one process.
 
     python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu] [--threads N] [--no-slow-server]
+                                  [--torch-path]
 
 For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times; each
 run's time per optimizer step is its mean over the timed steps (on_train_batch_start to on_train_batch_start,
@@ -8,6 +9,7 @@ after a warm-up; the last step's own time is not counted), and the table shows t
   off        our pipeline with stats=off: the async MLflow logger gets train/loss every 10 steps
   stats      + GradientStatsCallback recording every statistic of every layer on every step
              (dense Parquet trace every step, MLflow snapshot every 10 steps)
+  stats_torch  (--torch-path) `stats` with the fused C kernel turned off: the torch ops every machine has
   lightning  Lightning's own way of logging per-layer norms every step: grad_norm() + self.log_dict()
              in on_before_optimizer_step, MLFlowLogger on a SQLite store, log_every_n_steps=1
   slow_server  (10x64) `stats`, but MLflow is a real `mlflow server` behind a proxy that holds every
@@ -38,7 +40,7 @@ from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from src import tracking  # noqa: E402
+from src import fused, tracking  # noqa: E402
 from src.callback import GradientStatsCallback  # noqa: E402
 from src.model import Classifier, build_mlp  # noqa: E402
 from tests.conftest import SlowProxy, free_port  # noqa: E402
@@ -92,13 +94,19 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
         writer = tracking.AsyncRunWriter(client, run, spool_dir=workdir)
         logger = tracking.MlflowAsyncLogger(writer, "bench")
         log_every = 10
-        if condition in ("stats", "slow_server"):
+        if condition in ("stats", "slow_server", "stats_torch"):
             callbacks.append(GradientStatsCallback(every_n_steps=1, log_every_n_steps=10,
                                                    trace_path=workdir / f"{run}.parquet"))
     trainer = L.Trainer(max_steps=steps + warmup, logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, accelerator=device, devices=1)
-    trainer.fit(module, data)
+    library = fused.library
+    if condition == "stats_torch":
+        fused.library = lambda: None  # the callback then takes its torch path
+    try:
+        trainer.fit(module, data)
+    finally:
+        fused.library = library
     if run is not None:
         writer.close()
         client.set_terminated(run)
@@ -171,6 +179,7 @@ def main() -> None:
     ap.add_argument("--models", default="small,mid,wide")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-slow-server", action="store_true", help="skip the slow tracking server condition")
+    ap.add_argument("--torch-path", action="store_true", help="also time the statistics without the C kernel")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,10 +189,11 @@ def main() -> None:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     models = args.models.split(",")
     slow = "small" in models and not args.no_slow_server
-    conds = {m: ["off", "stats"] + (["lightning"] + ["slow_server"] * slow if m == "small" else []) for m in models}
+    conds = {m: ["off", "stats"] + ["stats_torch"] * args.torch_path + (["lightning"] + ["slow_server"] * slow if m == "small" else []) for m in models}
     times = {(m, c): [] for m in models for c in conds[m]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch 32, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats", flush=True)
+          f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats; statistics kernel: "
+          f"{'fused C (src/fused.c)' if fused.library() else 'none, torch ops'}", flush=True)
     with slow_server(workdir) if slow else contextlib.nullcontext() as slow_uri:
         for r in range(args.repeats):
             for m in models:
@@ -206,6 +216,9 @@ def main() -> None:
         print(f"{names[m]}_cpu={cpu[(m, 'stats')] / cpu[(m, 'off')]:.3f}")
     for m in models:
         print(f"{names[m]}={med[(m, 'stats')] / med[(m, 'off')]:.3f}")
+    if args.torch_path:
+        for m in models:
+            print(f"{names[m]}_torch_path={med[(m, 'stats_torch')] / med[(m, 'off')]:.3f}")
     backend, ours = ingest(uri)
     print(f"\ningest: log_batch(1000) direct {backend:,.0f} metrics/s, AsyncRunWriter sustained {ours:,.0f} metrics/s")
     print(f"ingest_ratio={ours / backend:.2f}")
