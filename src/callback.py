@@ -150,7 +150,7 @@ class GradientStatsCallback(L.Callback):
             self._g_views, self._wb_views, self._wa_views = views(self._g), views(self._wb), views(self._wa)
         elif self.path == "fused":  # per step: a row of raw sums per layer, turned into statistics at flush
             self._numel_t = torch.tensor(self._numel, dtype=torch.float64, device=dev)
-            self._passes = fused.FusedPasses(lib, weights)
+            self._passes = fused.FusedPasses(lib, weights, threads=torch.get_num_threads())
             self._grad_sums = torch.zeros(K, L_, len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
             self._weight_sums = torch.zeros(K, L_, len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
         else:
@@ -168,6 +168,8 @@ class GradientStatsCallback(L.Callback):
             h.remove()
         self._handles.clear()
         self._act_handles.clear()
+        if self.path == "fused":
+            self._passes.close()
         if self.trace is not None:
             self.trace.close()
         self._pre = self._signals = []

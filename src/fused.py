@@ -19,11 +19,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from src import stats
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +106,84 @@ def eligible(tensors: list[Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
+# Nets of at least PARALLEL_MIN_NUMEL weights are reduced on torch's threads (ctypes releases the GIL during
+# the call), layers of at least SPLIT_MIN_NUMEL entries in one piece per thread. Handing work to threads and
+# combining the pieces costs ~0.2 ms a pass here: measured, both passes on 2 threads took 2.28 against 3.08 ms
+# for 5x1024, but 0.63 against 0.50 ms for 20x256 and 0.39 against 0.02 ms for 10x64.
+PARALLEL_MIN_NUMEL = 1 << 22
+SPLIT_MIN_NUMEL = 1 << 18
+
+
+class _Group:
+    """The pieces (layer, offset, length) one thread reduces, with their fixed pointer arrays."""
+
+    def __init__(self, pieces: list[tuple[int, int, int]], weights: list[Tensor], prev: list[Tensor]):
+        self.pieces, P = pieces, len(pieces)
+        arr = ctypes.c_void_p * P
+        self.w, self.prev, self.g = arr(), arr(), arr()
+        self.n = (ctypes.c_int64 * P)(*(m for _, _, m in pieces))
+        self.point(weights, prev)
+        self.grad_out = torch.zeros(P, len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
+        self.weight_out = torch.zeros(P, len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
+
+    def point(self, weights: list[Tensor], prev: list[Tensor]) -> None:
+        self.w[:] = [weights[i].data_ptr() + 4 * off for i, off, _ in self.pieces]
+        self.prev[:] = [prev[i].data_ptr() + 4 * off for i, off, _ in self.pieces]
+
+
+def _combine(rows: Tensor, layer_of: Tensor, lengths: Tensor, layers: int, maxed: tuple[int, ...]) -> Tensor:
+    """Per-piece sums [P, C] into per-layer ones [layers, C]. Columns 0-2 (shift, shifted sum and sum of
+    squares) are re-shifted to the shift of each layer's first piece; columns in `maxed` take the max, the
+    others add up."""
+    P = rows.shape[0]
+    first = torch.full((layers,), P, dtype=torch.int64).scatter_reduce(0, layer_of, torch.arange(P), "amin")
+    shift, total, total_sq = rows[:, 0], rows[:, 1], rows[:, 2]
+    d = shift - shift[first][layer_of]  # each piece's shift relative to its layer's
+    out = torch.zeros(layers, rows.shape[1], dtype=torch.float64)
+    out[:, 0] = shift[first]
+    out[:, 1].index_add_(0, layer_of, total + lengths * d)
+    out[:, 2].index_add_(0, layer_of, total_sq + 2 * d * total + lengths * d * d)
+    for j in range(3, rows.shape[1]):
+        if j in maxed:
+            out[:, j] = out[:, j].scatter_reduce(0, layer_of, rows[:, j], "amax", include_self=False)
+        else:
+            out[:, j].index_add_(0, layer_of, rows[:, j])
+    return out
+
+
 class FusedPasses:
     """The two passes over fixed layers (the weights' storage must not move; gradients may be new tensors
     each step). Each pass writes a contiguous float64 row of sums per layer into `out`, the columns of
-    stats.FUSED_GRAD_SUMS and stats.FUSED_WEIGHT_SUMS."""
+    stats.FUSED_GRAD_SUMS and stats.FUSED_WEIGHT_SUMS. With `threads` > 1, big layers are split into
+    pieces reduced on that many threads (torch's own are idle between backward and the optimizer step)."""
 
-    def __init__(self, lib: ctypes.CDLL, weights: list[Tensor]):
+    def __init__(self, lib: ctypes.CDLL, weights: list[Tensor], threads: int = 1):
         self.lib, self.weights = lib, weights
         L_ = len(weights)
         self.prev = [torch.empty_like(w) for w in weights]  # the weights before the step
-        arr = ctypes.c_void_p * L_
-        self._w, self._prev, self._g = arr(*self._ptrs(weights)), arr(*self._ptrs(self.prev)), arr()
-        self._n = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
-        self._w_at = [w.data_ptr() for w in weights]
-        self._x, self._x_n = arr(), (ctypes.c_int64 * L_)()
+        numel = [w.numel() for w in weights]
+        threads = threads if sum(numel) >= PARALLEL_MIN_NUMEL else 1
+        pieces = []
+        for i, n in enumerate(numel):
+            k = threads if threads > 1 and n >= SPLIT_MIN_NUMEL else 1
+            bounds = [n * j // k for j in range(k + 1)]
+            pieces += [(i, a, b - a) for a, b in zip(bounds, bounds[1:])]
+        groups: list[list] = [[] for _ in range(max(1, min(threads, len(pieces))))]
+        load = [0] * len(groups)
+        for piece in sorted(pieces, key=lambda p: -p[2]):  # biggest first onto the least loaded thread
+            j = load.index(min(load))
+            groups[j].append(piece)
+            load[j] += piece[2]
+        self._whole = len(pieces) == L_ and len(groups) == 1  # one call writes the caller's rows directly
+        if self._whole:
+            groups = [pieces]  # in layer order
+        self._groups = [_Group(g, weights, self.prev) for g in groups]
+        self._pool = ThreadPoolExecutor(len(groups) - 1, "gradflow-fused") if len(groups) > 1 else None
+        order = [p for g in groups for p in g]
+        self._layer_of = torch.tensor([i for i, _, _ in order])
+        self._lengths = torch.tensor([m for _, _, m in order], dtype=torch.float64)
+        self._w_at = self._ptrs(weights)
+        self._x, self._x_n = (ctypes.c_void_p * L_)(), (ctypes.c_int64 * L_)()
 
     @staticmethod
     def _ptrs(ts: list[Tensor]) -> list[int]:
@@ -127,18 +194,50 @@ class FusedPasses:
         if at != self._w_at:  # someone swapped param.data: follow it
             if not eligible(self.weights) or any(w.shape != p.shape for w, p in zip(self.weights, self.prev)):
                 raise RuntimeError("the weights changed dtype, device or shape during training")
-            self._w[:], self._w_at = at, at
+            for grp in self._groups:
+                grp.point(self.weights, self.prev)
+            self._w_at = at
+
+    def _each_group(self, fn) -> None:
+        """fn(group) for every group: all but the first on the pool's threads, the first on this one."""
+        futures = [self._pool.submit(fn, grp) for grp in self._groups[1:]] if self._pool else []
+        fn(self._groups[0])
+        for f in futures:
+            f.result()
+
+    def _gather(self, outs: list[Tensor], out: Tensor, maxed: tuple[int, ...]) -> None:
+        out.copy_(_combine(torch.cat(outs), self._layer_of, self._lengths, len(self.weights), maxed))
 
     def grad_pass(self, grads: list[Tensor], out: Tensor) -> None:
         self._check_weights()
         grads = [g if g.is_contiguous() and g.dtype == torch.float32 else g.contiguous().float() for g in grads]
-        self._g[:] = self._ptrs(grads)
-        self.lib.grad_pass(len(grads), self._g, self._w, self._prev, self._n.data_ptr(), out.data_ptr())
+        at = self._ptrs(grads)
+
+        def run(grp: _Group) -> None:
+            grp.g[:] = [at[i] + 4 * off for i, off, _ in grp.pieces]
+            dest = out if self._whole else grp.grad_out
+            self.lib.grad_pass(len(grp.pieces), grp.g, grp.w, grp.prev, ctypes.addressof(grp.n), dest.data_ptr())
+
+        self._each_group(run)
+        if not self._whole:
+            self._gather([grp.grad_out for grp in self._groups], out, (stats.FUSED_GRAD_SUMS.index("absmax"),))
+            nan = stats.FUSED_GRAD_SUMS.index("nan")
+            out[out[:, nan] > 0, stats.FUSED_GRAD_SUMS.index("absmax")] = float("nan")
 
     def weight_pass(self, out: Tensor) -> None:
         self._check_weights()
-        self.lib.weight_pass(len(self.weights), self._w, self._prev, self._n.data_ptr(), out.data_ptr())
 
+        def run(grp: _Group) -> None:
+            dest = out if self._whole else grp.weight_out
+            self.lib.weight_pass(len(grp.pieces), grp.w, grp.prev, ctypes.addressof(grp.n), dest.data_ptr())
+
+        self._each_group(run)
+        if not self._whole:
+            self._gather([grp.weight_out for grp in self._groups], out, ())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def add_squares(self, tensors: list[Tensor], out: Tensor) -> bool:
         """out[i] += ||tensors[i]||^2 into a contiguous float64 CPU row, one per layer; False (nothing done)

@@ -18,10 +18,10 @@ def lib():
     return lib
 
 
-def _passes(lib, weights, grads, step):
+def _passes(lib, weights, grads, step, threads=1):
     """Both passes around an optimizer step that adds `step` to the weights; the resulting statistics."""
     numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
-    p = fused.FusedPasses(lib, weights)
+    p = fused.FusedPasses(lib, weights, threads)
     g_sums = torch.zeros(len(weights), len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
     w_sums = torch.zeros(len(weights), len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
     p.grad_pass(grads, g_sums)
@@ -38,28 +38,35 @@ def _passes(lib, weights, grads, step):
 SHAPES = [[(1,)], [(3, 5), (17,), (1023,), (1025,)], [(64, 64)] * 10 + [(10, 64)], [(256, 300), (1, 7)]]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("shapes", SHAPES)
-def test_sums_give_the_reference_statistics(lib, shapes):
+def test_sums_give_the_reference_statistics(lib, shapes, threads, monkeypatch):
+    """threads=3 with layers of 1000+ entries split: pieces on three threads, combined per layer."""
+    monkeypatch.setattr(fused, "SPLIT_MIN_NUMEL", 1000)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 1000)
     g = torch.Generator().manual_seed(len(shapes))
     grads = [torch.randn(s, generator=g) * 10 ** torch.randint(-6, 2, (1,), generator=g).item() for s in shapes]
     grads[-1][grads[-1].abs() < grads[-1].abs().median()] = 0  # exact zeros, as dead ReLUs give
     weights = [torch.randn(s, generator=g) + 0.5 for s in shapes]
     step = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
-    grad, weight, _, before = _passes(lib, weights, grads, step)
+    grad, weight, _, before = _passes(lib, weights, grads, step, threads)
     torch.testing.assert_close(grad[:, :5], ref.moments(grads), rtol=1e-5, atol=1e-7)
     assert grad[:, 5].tolist() == [0.0] * len(shapes)  # grad_nonfinite
     torch.testing.assert_close(weight[:, :2], ref.mean_std(weights), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(weight[:, 2], ref.update_ratio(before, weights), rtol=1e-5, atol=0)
 
 
-def test_nan_and_inf_are_counted_and_propagate(lib):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nan_and_inf_are_counted_and_propagate(lib, threads, monkeypatch):
+    monkeypatch.setattr(fused, "SPLIT_MIN_NUMEL", 1000)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 1000)  # the 2000-entry layer in two pieces
     g = torch.zeros(2000)
     g[[3, 1500]] = float("nan")
     g[[10, 11, 1999]] = torch.tensor([float("inf"), -float("inf"), 2.5])
     clean = torch.tensor([0.0, -3.0, 0.0, 1.0, 0.0])
     inf_only = torch.tensor([1.0, -float("inf")])
     grad, _, sums, _ = _passes(lib, [torch.ones(2000), torch.ones(5), torch.ones(2)], [g, clean, inf_only],
-                               [torch.zeros(2000), torch.zeros(5), torch.zeros(2)])
+                               [torch.zeros(2000), torch.zeros(5), torch.zeros(2)], threads)
     nan_row, clean_row, inf_row = grad.tolist()
     assert all(math.isnan(v) for v in nan_row[:4])  # norm, mean, std, max |g|: never a made-up number
     assert nan_row[4] == pytest.approx(1 - 5 / 2000)  # zero fraction exact: NaN and Inf are not zeros
@@ -142,3 +149,14 @@ def test_add_squares_accumulates_and_declines_other_dtypes(lib):
     assert row[0].item() == pytest.approx(1 + big.double().square().sum().item(), rel=1e-6)
     assert row[1].item() == math.inf
     assert not p.add_squares([torch.ones(3, dtype=torch.bfloat16), torch.ones(2)], row)  # left to torch
+
+
+def test_big_layers_are_split_across_threads(lib, monkeypatch):
+    monkeypatch.setattr(fused, "SPLIT_MIN_NUMEL", 1000)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 1000)
+    p = fused.FusedPasses(lib, [torch.zeros(3000), torch.zeros(10)], threads=3)
+    assert sorted(len(g.pieces) for g in p._groups) == [1, 1, 2] and not p._whole  # 3 pieces + 1, on 3 threads
+    p.close()
+    assert fused.FusedPasses(lib, [torch.zeros(3000), torch.zeros(10)], threads=1)._whole
+    monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 10_000)  # a small net stays on one thread
+    assert fused.FusedPasses(lib, [torch.zeros(3000), torch.zeros(10)], threads=3)._whole
