@@ -21,7 +21,7 @@
 
 #define BLOCK 1024
 
-/* output columns: src/stats.py FUSED_GRAD_SUMS and FUSED_WEIGHT_SUMS */
+/* output columns: src/stats.py FUSED_GRAD_SUMS, FUSED_WEIGHT_SUMS and FUSED_ACT_SUMS */
 enum { G_SHIFT, G_SUM, G_SUM_SQ, G_SQ, G_ABSMAX, G_NONZERO, G_NONFINITE, G_NAN, G_WIDTH };
 enum { W_SHIFT, W_SUM, W_SUM_SQ, W_SQ, W_STEP_SQ, W_WIDTH };
 enum { A_COUNT, A_SHIFT, A_SUM, A_SUM_SQ, A_SATURATED, A_WIDTH };
@@ -51,7 +51,7 @@ static void grad_one(const float *restrict g, const float *restrict w, float *re
             nf += a >= 0x7f800000;  /* exponent all ones: Inf or NaN */
             nn += a > 0x7f800000;   /* and a non-zero mantissa: NaN */
         }
-        memcpy(prev + start, w + start, (size_t)(end - start) * sizeof *w);  /* while the block is hot */
+        memcpy(prev + start, w + start, (size_t)(end - start) * sizeof *w);  /* the weights before the step */
         sum += s; sum_sq += sc; sq += q; absmax = m;
         nonzero += nz; nonfinite += nf; nan += nn;
     }
