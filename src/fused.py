@@ -220,9 +220,8 @@ class FusedPasses:
 
         self._each_group(run)
         if not self._whole:
+            # a piece with NaN has NaN for max |g| (fused.c), and the max over pieces keeps it
             self._gather([grp.grad_out for grp in self._groups], out, (stats.FUSED_GRAD_SUMS.index("absmax"),))
-            nan = stats.FUSED_GRAD_SUMS.index("nan")
-            out[out[:, nan] > 0, stats.FUSED_GRAD_SUMS.index("absmax")] = float("nan")
 
     def weight_pass(self, out: Tensor) -> None:
         self._check_weights()

@@ -156,6 +156,12 @@ def test_big_layers_are_split_across_threads(lib, monkeypatch):
     monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 1000)
     p = fused.FusedPasses(lib, [torch.zeros(3000), torch.zeros(10)], threads=3)
     assert sorted(len(g.pieces) for g in p._groups) == [1, 1, 2] and not p._whole  # 3 pieces + 1, on 3 threads
+    g = torch.ones(3000)
+    g[2500] = float("nan")  # in one piece only: the layer's max |g| is still NaN
+    sums = torch.zeros(2, len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
+    p.grad_pass([g, torch.ones(10)], sums)
+    absmax = stats.FUSED_GRAD_SUMS.index("absmax")
+    assert math.isnan(sums[0, absmax]) and sums[1, absmax] == 1.0
     p.close()
     assert fused.FusedPasses(lib, [torch.zeros(3000), torch.zeros(10)], threads=1)._whole
     monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 10_000)  # a small net stays on one thread
