@@ -132,15 +132,15 @@ class GradientStatsCallback(L.Callback):
         # the fused C pass where it applies (float32 on the CPU); else batched torch ops
         lib = fused.library() if fused.eligible(weights) else None
         self.path = "fused" if lib else "stacked" if L_ * width <= STACK_MAX_NUMEL else "per_tensor"
-        self._stacked, self._lib = self.path == "stacked", lib
-        per_step = 3 * L_ * width if self._stacked else 0
+        self._lib = lib
+        per_step = 3 * L_ * width if self.path == "stacked" else 0
         self._K = self.ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // max(per_step, 1)))
         K = self._K
         self._rows: list[int] = []  # real samples in each buffered step's activations
         self._inv_scale: list[float] = []
         self._bp_sq = torch.zeros(K, L_, dtype=torch.float64, device=dev)
         self._bp_rows = list(self._bp_sq.unbind(0))
-        if self._stacked:
+        if self.path == "stacked":
             self._numel_t = torch.tensor(self._numel, dtype=torch.float64, device=dev)
             self._g = torch.zeros(K, L_, width, device=dev)  # padding stays zero forever
             self._wb = torch.zeros(K, L_, width, device=dev)
@@ -243,7 +243,7 @@ class GradientStatsCallback(L.Callback):
             if self.path == "fused":  # also keeps the weights before the step
                 self._passes.grad_pass(grads, self._grad_sums[k])
                 return
-            if self._stacked:
+            if self.path == "stacked":
                 torch._foreach_copy_(self._g_views[k], grads)
                 torch._foreach_copy_(self._wb_views[k], weights)
                 return
@@ -267,7 +267,7 @@ class GradientStatsCallback(L.Callback):
         with torch.no_grad():
             if self.path == "fused":
                 self._passes.weight_pass(self._weight_sums[k])
-            elif self._stacked:
+            elif self.path == "stacked":
                 torch._foreach_copy_(self._wa_views[k], weights)
             else:
                 torch._foreach_sub_(self._snapshot, weights)  # in place: W_before - W_after, no allocation
@@ -383,7 +383,7 @@ class GradientStatsCallback(L.Callback):
         if self.path == "fused":
             grad = stats.gradient_stats_from_sums(self._grad_sums[:n], self._numel_t)
             weight = stats.weight_stats_from_sums(self._weight_sums[:n], self._numel_t)
-        elif self._stacked:
+        elif self.path == "stacked":
             grad = stats.stacked_gradient_stats(self._g[:n], self._numel_t)
             grad = torch.cat([grad, torch.zeros(n, L_, 1, device=grad.device)], dim=2)
             weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel_t)
@@ -403,7 +403,7 @@ class GradientStatsCallback(L.Callback):
                 b, grp["f"], grp["entry"].derivative, grp["entry"].max_derivative,
                 self.threshold, rows=None if full else r) for b, r in zip(buf.split(chunk), rows.split(chunk))])
         values = torch.cat([grad, bp[:, :, None], act, weight], dim=2).cpu().numpy()  # one sync for n steps
-        if self._stacked:
+        if self.path == "stacked":
             broken = ~np.isfinite(values[:, :, COL["grad_norm"]]).all(axis=1)
             if broken.any():  # rare: pay for counting the NaN/Inf entries
                 g = self._g[torch.from_numpy(np.flatnonzero(broken)).to(self._device)]

@@ -28,13 +28,18 @@ WEIGHT_STATS = ("weight_mean", "weight_std")
 LAYER_STATS = GRAD_STATS + ("grad_nonfinite", "backprop_norm") + ACT_STATS + WEIGHT_STATS + ("update_ratio",)
 
 
+def _shifted_mean_std(numel: Tensor, shift, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """mean and population std of entries x from the sums of x - shift and of (x - shift)^2."""
+    centred = total / numel
+    return shift + centred, (total_sq / numel - centred * centred).clamp_min(0).sqrt()
+
+
 def _mean_std(n: Tensor, total: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
     """mean and population std from count, sum and L2 norm: var = ||x||^2/n - mean^2, in float64.
     ||x|| comes from a float32 reduction (float64 ones cost 3-6x more), so std carries an absolute error
     of about 3e-4 * |mean|: exact enough for weights and gradients, whose std is not << their mean."""
-    n, total, norm = n.double(), total.double(), norm.double()
-    mean = total / n
-    return mean, (norm * norm / n - mean * mean).clamp_min(0).sqrt()
+    norm = norm.double()
+    return _shifted_mean_std(n.double(), 0.0, total.double(), norm * norm)
 
 
 def _grad_columns(n: Tensor, total: Tensor, norm: Tensor, absmax: Tensor, nonzero: Tensor) -> Tensor:
@@ -128,11 +133,6 @@ def _own(x: Tensor, source: Tensor) -> Tensor:
 FUSED_GRAD_SUMS = ("shift", "shifted_sum", "shifted_sum_sq", "sum_sq", "absmax", "nonzero", "nonfinite", "nan")
 FUSED_WEIGHT_SUMS = ("shift", "shifted_sum", "shifted_sum_sq", "sum_sq", "step_sum_sq")
 FUSED_ACT_SUMS = ("count", "shift", "shifted_sum", "shifted_sum_sq", "saturated")
-
-
-def _shifted_mean_std(numel: Tensor, shift: Tensor, total: Tensor, total_sq: Tensor) -> tuple[Tensor, Tensor]:
-    centred = total / numel
-    return shift + centred, (total_sq / numel - centred * centred).clamp_min(0).sqrt()
 
 
 @torch.no_grad()
