@@ -189,7 +189,8 @@ def main() -> None:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     models = args.models.split(",")
     slow = "small" in models and not args.no_slow_server
-    conds = {m: ["off", "stats"] + ["stats_torch"] * args.torch_path + (["lightning"] + ["slow_server"] * slow if m == "small" else []) for m in models}
+    conds = {m: ["off", "stats"] + ["stats_torch"] * args.torch_path
+             + (["lightning"] + ["slow_server"] * slow if m == "small" else []) for m in models}
     times = {(m, c): [] for m in models for c in conds[m]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch 32, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats; statistics kernel: "
