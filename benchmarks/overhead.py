@@ -5,7 +5,9 @@
 
 For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times; each
 run's time per optimizer step is its mean over the timed steps (on_train_batch_start to on_train_batch_start,
-after a warm-up; the last step's own time is not counted), and the table shows the median over repeats. Conditions:
+after a warm-up; the last step's own time is not counted), and the table shows the median over repeats.
+`drain s` is how long the run's end then waited for the MLflow backlog, and `total vs off` compares the
+timed steps plus that wait: a writer that fell behind during training shows there. Conditions:
   off        our pipeline with stats=off: the async MLflow logger gets train/loss every 10 steps
   stats      + GradientStatsCallback recording every statistic of every layer on every step
              (dense Parquet trace every step, MLflow snapshot every 10 steps)
@@ -15,7 +17,8 @@ after a warm-up; the last step's own time is not counted), and the table shows t
   slow_server  (10x64) `stats`, but MLflow is a real `mlflow server` behind a proxy that holds every
              request 0.2 s: the training thread must not wait on it (slow_server_ratio = slow_server / stats)
 The last lines are machine-readable: overhead_ratio_small (10x64), overhead_ratio (20x256),
-overhead_ratio_wide (5x1024), slow_server_ratio and vs_lightning_ratio (lightning / stats, 10x64).
+overhead_ratio_wide (5x1024) (and each one's `_cpu` and `_total` variants), slow_server_ratio and
+vs_lightning_ratio (lightning / stats, 10x64).
 """
 from __future__ import annotations
 
@@ -73,7 +76,9 @@ class LightningWay(Classifier):
         self.log_dict(grad_norm(self.net, norm_type=2))
 
 
-def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, device: str, workdir: Path) -> float:
+def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, device: str, workdir: Path
+             ) -> tuple[float, float, float]:
+    """(wall, cpu) seconds per timed step, and the seconds the run's end waited for the MLflow backlog."""
     depth, width, act = MODELS[model]
     torch.manual_seed(0)
     x, y = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
@@ -107,10 +112,13 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
         trainer.fit(module, data)
     finally:
         fused.library = library
+    drain = 0.0
     if run is not None:
+        t0 = time.perf_counter()
         writer.close()
+        drain = time.perf_counter() - t0
         client.set_terminated(run)
-    return timer.mean_step(warmup)
+    return (*timer.mean_step(warmup), drain)
 
 
 @contextlib.contextmanager
@@ -205,16 +213,23 @@ def main() -> None:
     cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
     spread = {k: (min(t[0] for t in v), max(t[0] for t in v)) for k, v in times.items()}
     med = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
-    print(f"\n{'model':<18}{'condition':<13}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}")
+    drain = {k: statistics.median(t[2] for t in v) for k, v in times.items()}
+    # the whole run: every timed step, then the wait for the MLflow backlog at its end
+    total = {k: statistics.median(t[0] * args.steps + t[2] for t in v) for k, v in times.items()}
+    print(f"\n{'model':<18}{'condition':<13}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}"
+          f"{'drain s':>9}{'total vs off':>14}")
     for (m, c), t in med.items():
         depth, width, act = MODELS[m]
         lo, hi = spread[(m, c)]
         print(f"{f'{depth}x{width} {act}':<18}{c:<13}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
-              f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x")
+              f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x"
+              f"{drain[(m, c)]:>9.2f}{total[(m, c)] / total[(m, 'off')]:>13.2f}x")
     names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
     print()
     for m in models:
         print(f"{names[m]}_cpu={cpu[(m, 'stats')] / cpu[(m, 'off')]:.3f}")
+    for m in models:
+        print(f"{names[m]}_total={total[(m, 'stats')] / total[(m, 'off')]:.3f}")
     for m in models:
         print(f"{names[m]}={med[(m, 'stats')] / med[(m, 'off')]:.3f}")
     if args.torch_path:

@@ -41,6 +41,9 @@ MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits 
 # 80-value to 2000-value batches (0.23 -> 0.09 ms of CPU on SQLite, measured here), and that CPU is taken
 # from the training thread (the GIL) or from a sibling sweep worker. The UI lags by at most this much.
 LINGER_S = 1.0
+# At most this many values wait in memory (~220 bytes each): past it, the training thread waits for the
+# writer to catch up, so a run that logs faster than its store takes values does not grow without limit.
+MAX_BACKLOG = 200_000
 
 # Retries here are ours, bounded by a deadline. MLflow's own defaults (7 retries, backoff factor 2, 120 s
 # timeout) hold one call for about 4 minutes against a stopped server, so a run's end would wait many
@@ -111,11 +114,12 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
 class AsyncRunWriter:
     """Queues metrics/params/tags for one run and sends them in log_batch requests from a thread; on Linux
     the requests themselves run in a forked process (src.sink), so MLflow's Python code never holds the
-    training process's GIL."""
+    training process's GIL. At most max_backlog values wait: past that, the caller waits for the writer."""
 
     def __init__(self, client: MlflowClient, run_id: str, spool_dir: str | Path | None = None,
-                 retry_seconds: float = 600.0, linger: float = LINGER_S, process: bool = True):
-        self.client, self.run_id, self.linger = client, run_id, linger
+                 retry_seconds: float = 600.0, linger: float = LINGER_S, process: bool = True,
+                 max_backlog: int = MAX_BACKLOG):
+        self.client, self.run_id, self.linger, self.max_backlog = client, run_id, linger, max_backlog
         self._sink: Sink | None = None
         if process and sys.platform == "linux":  # forked before this object starts its thread
             try:
@@ -125,7 +129,11 @@ class AsyncRunWriter:
         self.spool_dir = Path(spool_dir) if spool_dir else Path.cwd()
         self.retry_seconds = retry_seconds
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._queued = 0  # metrics+params+tags not yet sent (approximate, for progress lines)
+        # values handed over and values sent or spooled, each written by one thread only (`+=` from two
+        # threads could lose updates); their difference is the backlog
+        self._added = self._done = 0
+        self._add_lock = threading.Lock()
+        self._waited = False
         self._deadline: float | None = None
         self._offline = False  # the deadline passed with the server unreachable: spool without trying
         self._spool_lock = threading.Lock()
@@ -134,19 +142,38 @@ class AsyncRunWriter:
         self._thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
         self._thread.start()
 
-    # called from the training thread: O(1), never blocks on the network
+    # called from the training thread: O(1), never blocks on the network (only on a backlog past max_backlog)
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self._queued += len(metrics)
-        self._q.put(("m", [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]))
+        self._put("m", [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()])
 
     def log_params(self, params: dict[str, object]) -> None:
-        self._queued += len(params)
-        self._q.put(("p", [Param(k, str(v)[:6000]) for k, v in params.items()]))
+        self._put("p", [Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def set_tags(self, tags: dict[str, object]) -> None:
-        self._queued += len(tags)
-        self._q.put(("t", [RunTag(k, str(v)) for k, v in tags.items()]))
+        self._put("t", [RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _put(self, kind: str, values: list) -> None:
+        if self.backlog > self.max_backlog and self._thread.is_alive():
+            self._wait_for_backlog()
+        with self._add_lock:
+            self._added += len(values)
+        self._q.put((kind, values))
+
+    @property
+    def backlog(self) -> int:
+        """Values handed over and not yet sent or spooled."""
+        return max(self._added - self._done, 0)
+
+    def _wait_for_backlog(self) -> None:
+        """Wait until half the bound is sent: memory stays bounded when values come faster than the
+        store takes them (a slow server, or a cadence too dense for this machine)."""
+        if not self._waited:
+            self._waited = True
+            print(f"mlflow: {self.backlog} values wait to be sent; training waits for the writer to catch up "
+                  "(log fewer: e.g. a larger stats.log_every_n_steps)", file=sys.stderr)
+        while self.backlog > self.max_backlog // 2 and self._thread.is_alive():
+            time.sleep(0.01)
 
     def _loop(self) -> None:
         stop = False
@@ -175,7 +202,7 @@ class AsyncRunWriter:
                 return
             metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
             n = len(m) + len(p) + len(t)
-            self._queued -= n
+            self._done += n
             self.sent += n
 
     def _send_one(self, m, p, t) -> bool:
@@ -188,7 +215,8 @@ class AsyncRunWriter:
                 limit = started + self.retry_seconds
                 if self._deadline is not None:
                     limit = min(limit, self._deadline)
-                if time.monotonic() + delay > limit or _is_permanent(e):
+                # past the bound the caller waits on us: spool now rather than retry for retry_seconds
+                if time.monotonic() + delay > limit or _is_permanent(e) or self.backlog > self.max_backlog:
                     self._offline = self._deadline is not None and not _is_permanent(e)
                     print(f"mlflow: could not send {len(m) + len(p) + len(t)} values: "
                           f"{redact(_first_line(e))}", file=sys.stderr)
@@ -208,7 +236,7 @@ class AsyncRunWriter:
     def _spool(self, metrics, params, tags) -> None:
         self.spool({"metrics": [[x.key, x.value, x.timestamp, x.step] for x in metrics],
                     "params": {x.key: x.value for x in params}, "tags": {x.key: x.value for x in tags}})
-        self._queued -= len(metrics) + len(params) + len(tags)
+        self._done += len(metrics) + len(params) + len(tags)
 
     def spool(self, record: dict) -> None:
         """Append one record for `replay`: metrics/params/tags, artifacts [[local, artifact_path]],
@@ -228,7 +256,7 @@ class AsyncRunWriter:
         while self._thread.is_alive():
             self._thread.join(0.5)
             if self._thread.is_alive() and time.monotonic() - last > 2.0:
-                print(f"mlflow: sending backlog, {max(self._queued, 0)} values left ...", file=sys.stderr)
+                print(f"mlflow: sending backlog, {self.backlog} values left ...", file=sys.stderr)
                 last = time.monotonic()
         if self._sink is not None:
             self._sink.close()

@@ -70,6 +70,41 @@ def test_writes_run_in_a_separate_process_and_survive_its_death(tracking_uri, ca
     assert w.sent == 2 and w.spooled_to is None
 
 
+def test_the_backlog_is_bounded_and_nothing_is_lost(tracking_uri, capfd):
+    """Values that come faster than the store takes them make the caller wait past max_backlog; every
+    value still arrives."""
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(tracking.ensure_experiment(client, "e", tracking_uri)).info.run_id
+    w = tracking.AsyncRunWriter(client, run_id, linger=0.3, max_backlog=50)  # holds each batch 0.3 s
+    seen = []
+    for step in range(20):  # 200 values handed over far faster than one batch per 0.3 s
+        w.log_metrics({f"m{i}": float(step) for i in range(10)}, step)
+        seen.append(w.backlog)
+    w.close()
+    assert max(seen) <= 50 + 10  # one call's values past the bound, never more
+    assert "training waits for the writer" in capfd.readouterr().err
+    assert w.sent == 200 and w.spooled_to is None
+    assert [m.step for m in client.get_metric_history(run_id, "m9")] == list(range(20))
+
+
+def test_a_backlog_past_the_bound_is_spooled_while_the_server_is_down(tracking_uri, tmp_path, monkeypatch):
+    """With the server down and the bound reached, the writer spools instead of retrying for
+    retry_seconds: training goes on, memory stays bounded, replay delivers everything."""
+    store = MlflowClient(tracking_uri)
+    run_id = store.create_run(tracking.ensure_experiment(store, "e", tracking_uri)).info.run_id
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead = MlflowClient("http://127.0.0.1:9")  # nothing listens on the discard port
+    w = tracking.AsyncRunWriter(dead, run_id, spool_dir=tmp_path, retry_seconds=600.0, linger=0.0, max_backlog=50)
+    t0 = time.monotonic()
+    for step in range(20):
+        w.log_metrics({f"m{i}": float(step) for i in range(10)}, step)
+    assert time.monotonic() - t0 < 60  # not 600 s of retries
+    w.close(timeout=5)
+    assert w.spooled_to is not None
+    assert tracking.replay(w.spooled_to, tracking_uri) == 200
+    assert [m.step for m in store.get_metric_history(run_id, "m9")] == list(range(20))
+
+
 def test_an_error_of_the_store_crosses_the_process_boundary_as_mlflows(tracking_uri, tmp_path):
     """A refusal (here: an unknown run) is MLflow's permanent error in the writer too: spooled at once,
     not retried for retry_seconds."""
