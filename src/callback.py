@@ -241,7 +241,7 @@ class GradientStatsCallback(L.Callback):
         self._stepped = True
         with torch.no_grad():
             if self.path == "fused":  # also keeps the weights before the step
-                self._passes.grad_pass(grads, self._grad_sums[k])
+                self._passes.grad_pass(grads, self._grad_sums[k], self._armed_step)
                 return
             if self.path == "stacked":
                 torch._foreach_copy_(self._g_views[k], grads)
@@ -266,7 +266,7 @@ class GradientStatsCallback(L.Callback):
         weights = [lin.weight for lin in self.linears]
         with torch.no_grad():
             if self.path == "fused":
-                self._passes.weight_pass(self._weight_sums[k])
+                self._passes.weight_pass(self._weight_sums[k], self._armed_step)
             elif self.path == "stacked":
                 torch._foreach_copy_(self._wa_views[k], weights)
             else:

@@ -3,9 +3,12 @@
  * grad_pass  (before the step): per layer, the gradient's sum and sum of squares shifted by its first entry
  *            c (mean and variance without cancellation: a layer's spread may be far below its mean), its
  *            plain sum of squares (the norm), max |g|, number of non-zero, of non-finite and of NaN entries;
- *            and a copy of the weights into `prev` (the optimizer changes them in place), block by block.
+ *            and, when `copy` is set, a copy of the weights into `prev` (the optimizer changes them in place),
+ *            block by block. The caller leaves it unset when `prev` already holds these weights.
  * weight_pass (after the step): the same shifted sums and sum of squares of the weights, and the sum of
- *            squares of (W - prev), the step actually taken.
+ *            squares of (W - prev), the step actually taken; then W goes into `prev` in the same loop, while
+ *            its lines are in cache, so that the next step's grad_pass need not read the weights at all
+ *            (4 streams over memory per step instead of 5, and no cold writes).
  * add_squares (after backward): adds each back-propagated signal's sum of squares to a float64 row.
  * act_pass   (after the step): per layer, the activation output's count, shifted sums and number of
  *            saturated entries, where f'(s) < limit, with f' computed from the output as the registry
@@ -30,7 +33,7 @@ enum { IDENTITY, RELU, SIGMOID, TANH };  /* src/fused.py ACT_KINDS */
 static inline int32_t bits_of(float x) { int32_t u; memcpy(&u, &x, sizeof u); return u; }
 
 static void grad_one(const float *restrict g, const float *restrict w, float *restrict prev, int64_t n,
-                     double *out) {
+                     int32_t copy, double *out) {
     const float c = n ? g[0] : 0;
     double sum = 0, sum_sq = 0, sq = 0;
     int32_t absmax = 0;  /* the bits of max |g|: non-negative floats order like their bits, NaN above Inf */
@@ -51,7 +54,8 @@ static void grad_one(const float *restrict g, const float *restrict w, float *re
             nf += a >= 0x7f800000;  /* exponent all ones: Inf or NaN */
             nn += a > 0x7f800000;   /* and a non-zero mantissa: NaN */
         }
-        memcpy(prev + start, w + start, (size_t)(end - start) * sizeof *w);  /* the weights before the step */
+        if (copy)  /* the weights before the step */
+            memcpy(prev + start, w + start, (size_t)(end - start) * sizeof *w);
         sum += s; sum_sq += sc; sq += q; absmax = m;
         nonzero += nz; nonfinite += nf; nan += nn;
     }
@@ -67,7 +71,7 @@ static void grad_one(const float *restrict g, const float *restrict w, float *re
     out[G_NAN] = (double)nan;
 }
 
-static void weight_one(const float *restrict w, const float *restrict prev, int64_t n, double *out) {
+static void weight_one(const float *restrict w, float *restrict prev, int64_t n, double *out) {
     const float c = n ? w[0] : 0;
     double sum = 0, sum_sq = 0, sq = 0, step = 0;
     for (int64_t start = 0; start < n; start += BLOCK) {
@@ -79,6 +83,7 @@ static void weight_one(const float *restrict w, const float *restrict prev, int6
             sc += d * d;
             q += x * x;
             d2 += u * u;
+            prev[j] = x;
         }
         sum += s; sum_sq += sc; sq += q; step += d2;
     }
@@ -116,9 +121,10 @@ static inline void act_loop(const float *restrict a, int64_t n, int kind, float 
 }
 
 /* out: [layers, G_WIDTH] doubles */
-void grad_pass(int64_t layers, const float **g, const float **w, float **prev, const int64_t *n, double *out) {
+void grad_pass(int64_t layers, const float **g, const float **w, float **prev, const int64_t *n, int32_t copy,
+               double *out) {
     for (int64_t i = 0; i < layers; i++)
-        grad_one(g[i], w[i], prev[i], n[i], out + i * G_WIDTH);
+        grad_one(g[i], w[i], prev[i], n[i], copy, out + i * G_WIDTH);
 }
 
 /* out[i] += sum of x[i]^2 */
@@ -152,7 +158,7 @@ void act_pass(int64_t layers, const float **a, const int64_t *n, const int32_t *
 }
 
 /* out: [layers, W_WIDTH] doubles */
-void weight_pass(int64_t layers, const float **w, const float **prev, const int64_t *n, double *out) {
+void weight_pass(int64_t layers, const float **w, float **prev, const int64_t *n, double *out) {
     for (int64_t i = 0; i < layers; i++)
         weight_one(w[i], prev[i], n[i], out + i * W_WIDTH);
 }

@@ -92,7 +92,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("could not build or load %s (%s): gradient statistics use the slower torch path", SOURCE.name, detail)
         return None
     ptrs, i64 = ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
-    lib.grad_pass.argtypes = [i64, ptrs, ptrs, ptrs, ctypes.c_void_p, ctypes.c_void_p]
+    lib.grad_pass.argtypes = [i64, ptrs, ptrs, ptrs, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
     lib.weight_pass.argtypes = [i64, ptrs, ptrs, ctypes.c_void_p, ctypes.c_void_p]
     lib.add_squares.argtypes = [i64, ptrs, ctypes.c_void_p, ctypes.c_void_p]
     lib.add_squares.restype = None
@@ -155,7 +155,13 @@ class FusedPasses:
     """The two passes over fixed layers (the weights' storage must not move; gradients may be new tensors
     each step). Each pass writes a contiguous float64 row of sums per layer into `out`, the columns of
     stats.FUSED_GRAD_SUMS and stats.FUSED_WEIGHT_SUMS. With `threads` > 1, big layers are split into
-    pieces reduced on that many threads (torch's own are idle between backward and the optimizer step)."""
+    pieces reduced on that many threads (torch's own are idle between backward and the optimizer step).
+
+    The update is W after the step minus `prev`. weight_pass leaves the weights in `prev`; the next step's
+    grad_pass copies them again only when they may have changed since: the previous step was not recorded,
+    their storage moved, or an in-place op bumped their version counter (a clamp under no_grad, say).
+    Writes through `param.data` bump no counter: such an edit between two recorded steps counts as part of
+    the second one's update."""
 
     def __init__(self, lib: ctypes.CDLL, weights: list[Tensor], threads: int = 1):
         self.lib, self.weights = lib, weights
@@ -183,20 +189,25 @@ class FusedPasses:
         self._layer_of = torch.tensor([i for i, _, _ in order])
         self._lengths = torch.tensor([m for _, _, m in order], dtype=torch.float64)
         self._w_at = self._ptrs(weights)
+        self._after: int | None = None  # the step whose weights `prev` holds, and their versions then
+        self._versions: list[int] = []
         self._x, self._x_n = (ctypes.c_void_p * L_)(), (ctypes.c_int64 * L_)()
 
     @staticmethod
     def _ptrs(ts: list[Tensor]) -> list[int]:
         return [t.data_ptr() for t in ts]
 
-    def _check_weights(self) -> None:
+    def _check_weights(self) -> bool:
+        """True when the weights' storage moved (someone swapped param.data): the passes follow it."""
         at = self._ptrs(self.weights)
-        if at != self._w_at:  # someone swapped param.data: follow it
-            if not eligible(self.weights) or any(w.shape != p.shape for w, p in zip(self.weights, self.prev)):
-                raise RuntimeError("the weights changed dtype, device or shape during training")
-            for grp in self._groups:
-                grp.point(self.weights, self.prev)
-            self._w_at = at
+        if at == self._w_at:
+            return False
+        if not eligible(self.weights) or any(w.shape != p.shape for w, p in zip(self.weights, self.prev)):
+            raise RuntimeError("the weights changed dtype, device or shape during training")
+        for grp in self._groups:
+            grp.point(self.weights, self.prev)
+        self._w_at = at
+        return True
 
     def _each_group(self, fn) -> None:
         """fn(group) for every group: all but the first on the pool's threads, the first on this one."""
@@ -208,22 +219,26 @@ class FusedPasses:
     def _gather(self, outs: list[Tensor], out: Tensor, maxed: tuple[int, ...]) -> None:
         out.copy_(_combine(torch.cat(outs), self._layer_of, self._lengths, len(self.weights), maxed))
 
-    def grad_pass(self, grads: list[Tensor], out: Tensor) -> None:
-        self._check_weights()
+    def grad_pass(self, grads: list[Tensor], out: Tensor, step: int) -> None:
+        """Before optimizer step `step` (steps count up by one)."""
+        moved = self._check_weights()
+        copy = moved or self._after != step - 1 or self._versions != [w._version for w in self.weights]
         grads = [g if g.is_contiguous() and g.dtype == torch.float32 else g.contiguous().float() for g in grads]
         at = self._ptrs(grads)
 
         def run(grp: _Group) -> None:
             grp.g[:] = [at[i] + 4 * off for i, off, _ in grp.pieces]
             dest = out if self._whole else grp.grad_out
-            self.lib.grad_pass(len(grp.pieces), grp.g, grp.w, grp.prev, ctypes.addressof(grp.n), dest.data_ptr())
+            self.lib.grad_pass(len(grp.pieces), grp.g, grp.w, grp.prev, ctypes.addressof(grp.n), copy,
+                               dest.data_ptr())
 
         self._each_group(run)
         if not self._whole:
             # a piece with NaN has NaN for max |g| (fused.c), and the max over pieces keeps it
             self._gather([grp.grad_out for grp in self._groups], out, (stats.FUSED_GRAD_SUMS.index("absmax"),))
 
-    def weight_pass(self, out: Tensor) -> None:
+    def weight_pass(self, out: Tensor, step: int) -> None:
+        """After optimizer step `step`."""
         self._check_weights()
 
         def run(grp: _Group) -> None:
@@ -231,6 +246,7 @@ class FusedPasses:
             self.lib.weight_pass(len(grp.pieces), grp.w, grp.prev, ctypes.addressof(grp.n), dest.data_ptr())
 
         self._each_group(run)
+        self._after, self._versions = step, [w._version for w in self.weights]
         if not self._whole:
             self._gather([grp.weight_out for grp in self._groups], out, ())
 

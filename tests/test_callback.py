@@ -284,6 +284,36 @@ def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, m
         assert m["act_saturation/layer_01"] == pytest.approx(plain.rows[s][1, LAYER_STATS.index("act_saturation")])
 
 
+class ClampedMLP(MLP):
+    """Clamps its weights in place before every batch: a change the optimizer did not make."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        with torch.no_grad():
+            for p in self.parameters():
+                p.clamp_(-0.3, 0.3)
+
+
+@pytest.mark.parametrize("path", ["fused", "stacked"])
+def test_the_update_is_the_optimizer_step_when_the_weights_change_between_steps(tmp_path, monkeypatch, path):
+    """The fused pass keeps the weights after a step for the next one's update, unless something changed
+    them in place since (here a clamp under no_grad, which bumps their version counters)."""
+    use_path(monkeypatch, path)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 4, generator=g) * 3, torch.randint(0, 3, (64,), generator=g)),
+                      batch_size=16)
+    plain = PlainStats()
+    cb = GradientStatsCallback(log_every_n_steps=1, ring_steps=4, trace_path=tmp_path / "t.parquet")
+    trainer = L.Trainer(max_steps=12, logger=False, callbacks=[plain, cb], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(ClampedMLP("relu"), data)
+    assert cb.path == path
+    trace = read_trace(cb.trace_path)
+    j = LAYER_STATS.index("update_ratio")
+    expected = np.stack([plain.rows[s][:, j] for s in trace["steps"]])
+    assert (expected[1:] > 0).all()
+    np.testing.assert_allclose(trace["update_ratio"], expected, rtol=2e-4, atol=1e-7)
+
+
 def test_a_net_without_activation_modules(tmp_path):
     """Linear layers only: weight and signal statistics every step, no act_* keys, nothing fails."""
     class Linears(TwoLayer):

@@ -24,12 +24,12 @@ def _passes(lib, weights, grads, step, threads=1):
     p = fused.FusedPasses(lib, weights, threads)
     g_sums = torch.zeros(len(weights), len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
     w_sums = torch.zeros(len(weights), len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
-    p.grad_pass(grads, g_sums)
+    p.grad_pass(grads, g_sums, 0)
     before = [w.clone() for w in weights]
     assert all(torch.equal(a, b) for a, b in zip(p.prev, before))  # the pre-step copy
     for w, d in zip(weights, step):
         w.add_(d)
-    p.weight_pass(w_sums)
+    p.weight_pass(w_sums, 0)
     return (stats.gradient_stats_from_sums(g_sums, numel), stats.weight_stats_from_sums(w_sums, numel),
             g_sums, before)
 
@@ -83,11 +83,11 @@ def test_non_contiguous_and_replaced_tensors(lib):
     p = fused.FusedPasses(lib, [w])
     out = torch.zeros(1, len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
     w.data = torch.full((8, 5), 2.0)  # param.data swapped for new storage: the pass follows it
-    p.weight_pass(out)
+    p.weight_pass(out, 0)
     assert stats.weight_stats_from_sums(out, torch.tensor([40.0]))[0, :2].tolist() == [2.0, 0.0]
     w.data = torch.zeros(3)
     with pytest.raises(RuntimeError, match="shape"):
-        p.weight_pass(out)
+        p.weight_pass(out, 1)
 
 
 def test_eligibility():
@@ -159,10 +159,50 @@ def test_big_layers_are_split_across_threads(lib, monkeypatch):
     g = torch.ones(3000)
     g[2500] = float("nan")  # in one piece only: the layer's max |g| is still NaN
     sums = torch.zeros(2, len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
-    p.grad_pass([g, torch.ones(10)], sums)
+    p.grad_pass([g, torch.ones(10)], sums, 0)
     absmax = stats.FUSED_GRAD_SUMS.index("absmax")
     assert math.isnan(sums[0, absmax]) and sums[1, absmax] == 1.0
     p.close()
     assert fused.FusedPasses(lib, [torch.zeros(3000), torch.zeros(10)], threads=1)._whole
     monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 10_000)  # a small net stays on one thread
     assert fused.FusedPasses(lib, [torch.zeros(3000), torch.zeros(10)], threads=3)._whole
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_weights_are_copied_before_a_step_only_when_they_may_have_changed(lib, monkeypatch, threads):
+    """weight_pass leaves the weights in `prev`; the next step's grad_pass copies them again only if the
+    previous step was not recorded, their storage moved or an in-place op bumped their version."""
+    monkeypatch.setattr(fused, "SPLIT_MIN_NUMEL", 1000)
+    monkeypatch.setattr(fused, "PARALLEL_MIN_NUMEL", 1000)
+    w = [torch.randn(3000), torch.randn(10)]
+    p = fused.FusedPasses(lib, w, threads)
+    g_sums = torch.zeros(2, len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
+    w_sums = torch.zeros(2, len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
+    grads = [torch.ones(3000), torch.ones(10)]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    p.grad_pass(grads, g_sums, 0)  # nothing in prev yet: copied
+    assert same(p.prev, w)
+    with torch.no_grad():
+        torch._foreach_add_(w, 0.5)  # the optimizer step
+    p.weight_pass(w_sums, 0)
+    assert same(p.prev, w)  # left there for step 1
+    step_sq = stats.FUSED_WEIGHT_SUMS.index("step_sum_sq")
+    assert w_sums[:, step_sq].tolist() == pytest.approx([0.25 * 3000, 0.25 * 10])
+    for x in w:  # between the steps, a write that bumps no version counter
+        x.data.add_(1.0)
+    p.grad_pass(grads, g_sums, 1)
+    assert not same(p.prev, w)  # not copied: that edit would count as part of step 1's update
+    with torch.no_grad():
+        for x in w:
+            x.clamp_(-0.1, 0.1)  # an in-place op under no_grad bumps it
+    p.grad_pass(grads, g_sums, 1)
+    assert same(p.prev, w)
+    p.weight_pass(w_sums, 1)
+    with torch.no_grad():
+        torch._foreach_add_(w, 1.0)  # unrecorded steps 2 and 3 (an optimizer that bumps no version, say)
+    p.grad_pass(grads, g_sums, 4)
+    assert same(p.prev, w)
+    p.close()
