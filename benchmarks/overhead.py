@@ -1,7 +1,7 @@
 """Per-step cost of the gradient statistics, measured side by side in one process.
 
     python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu] [--threads N] [--no-slow-server]
-                                  [--torch-path]
+                                  [--torch-path] [--mlflow-every N]
 
 For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times; each
 run's time per optimizer step is its mean over the timed steps (on_train_batch_start to on_train_batch_start,
@@ -12,6 +12,8 @@ timed steps plus that wait: a writer that fell behind during training shows ther
   stats      + GradientStatsCallback recording every statistic of every layer on every step
              (dense Parquet trace every step, MLflow snapshot every 10 steps)
   stats_torch  (--torch-path) `stats` with the fused C kernel turned off: the torch ops every machine has
+  stats_every<N>  (--mlflow-every N) `stats` with the MLflow snapshot every N steps instead of 10 (the
+             dense trace still gets every step): what MLflow's own cost per value adds
   lightning  Lightning's own way of logging per-layer norms every step: grad_norm() + self.log_dict()
              in on_before_optimizer_step, MLFlowLogger on a SQLite store, log_every_n_steps=1
   slow_server  (10x64) `stats`, but MLflow is a real `mlflow server` behind a proxy that holds every
@@ -99,8 +101,9 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
         writer = tracking.AsyncRunWriter(client, run, spool_dir=workdir)
         logger = tracking.MlflowAsyncLogger(writer, "bench")
         log_every = 10
-        if condition in ("stats", "slow_server", "stats_torch"):
-            callbacks.append(GradientStatsCallback(every_n_steps=1, log_every_n_steps=10,
+        if condition in ("stats", "slow_server", "stats_torch") or condition.startswith("stats_every"):
+            every = int(condition[len("stats_every"):]) if condition.startswith("stats_every") else 10
+            callbacks.append(GradientStatsCallback(every_n_steps=1, log_every_n_steps=every,
                                                    trace_path=workdir / f"{run}.parquet"))
     trainer = L.Trainer(max_steps=steps + warmup, logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
@@ -188,6 +191,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-slow-server", action="store_true", help="skip the slow tracking server condition")
     ap.add_argument("--torch-path", action="store_true", help="also time the statistics without the C kernel")
+    ap.add_argument("--mlflow-every", type=int, default=0,
+                    help="also time the statistics with an MLflow snapshot every N steps (not 10)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,6 +203,7 @@ def main() -> None:
     models = args.models.split(",")
     slow = "small" in models and not args.no_slow_server
     conds = {m: ["off", "stats"] + ["stats_torch"] * args.torch_path
+             + [f"stats_every{args.mlflow_every}"] * bool(args.mlflow_every)
              + (["lightning"] + ["slow_server"] * slow if m == "small" else []) for m in models}
     times = {(m, c): [] for m in models for c in conds[m]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch 32, "
@@ -216,12 +222,12 @@ def main() -> None:
     drain = {k: statistics.median(t[2] for t in v) for k, v in times.items()}
     # the whole run: every timed step, then the wait for the MLflow backlog at its end
     total = {k: statistics.median(t[0] * args.steps + t[2] for t in v) for k, v in times.items()}
-    print(f"\n{'model':<18}{'condition':<13}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}"
+    print(f"\n{'model':<18}{'condition':<16}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}"
           f"{'drain s':>9}{'total vs off':>14}")
     for (m, c), t in med.items():
         depth, width, act = MODELS[m]
         lo, hi = spread[(m, c)]
-        print(f"{f'{depth}x{width} {act}':<18}{c:<13}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
+        print(f"{f'{depth}x{width} {act}':<18}{c:<16}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
               f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x"
               f"{drain[(m, c)]:>9.2f}{total[(m, c)] / total[(m, 'off')]:>13.2f}x")
     names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
@@ -235,6 +241,10 @@ def main() -> None:
     if args.torch_path:
         for m in models:
             print(f"{names[m]}_torch_path={med[(m, 'stats_torch')] / med[(m, 'off')]:.3f}")
+    if args.mlflow_every:
+        for m in models:
+            c = f"stats_every{args.mlflow_every}"
+            print(f"{names[m]}_mlflow_every_{args.mlflow_every}={med[(m, c)] / med[(m, 'off')]:.3f}")
     backend, ours = ingest(uri)
     print(f"\ningest: log_batch(1000) direct {backend:,.0f} metrics/s, AsyncRunWriter sustained {ours:,.0f} metrics/s")
     print(f"ingest_ratio={ours / backend:.2f}")
