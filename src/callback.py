@@ -240,7 +240,7 @@ class GradientStatsCallback(L.Callback):
         k = len(self._steps)
         self._stepped = True
         with torch.no_grad():
-            if self.path == "fused":  # also keeps the weights before the step
+            if self.path == "fused":  # also keeps the weights before the step, unless the last pass left them
                 self._passes.grad_pass(grads, self._grad_sums[k], self._armed_step)
                 return
             if self.path == "stacked":
