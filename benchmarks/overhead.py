@@ -10,10 +10,11 @@ after a warm-up; the last step's own time is not counted), and the table shows t
 timed steps plus that wait: a writer that fell behind during training shows there. Conditions:
   off        our pipeline with stats=off: the async MLflow logger gets train/loss every 10 steps
   stats      + GradientStatsCallback recording every statistic of every layer on every step
-             (dense Parquet trace every step, MLflow snapshot every 10 steps)
+             (dense Parquet trace every step, MLflow snapshot every stats.log_every_n_steps steps as
+             conf/stats/default.yaml sets it: 50)
   stats_torch  (--torch-path) `stats` with the fused C kernel turned off: the torch ops every machine has
-  stats_every<N>  (--mlflow-every N) `stats` with the MLflow snapshot every N steps instead of 10 (the
-             dense trace still gets every step): what MLflow's own cost per value adds
+  stats_every<N>  (--mlflow-every N) `stats` with the MLflow snapshot every N steps instead (the dense
+             trace still gets every step): what MLflow's own cost per value adds
   lightning  Lightning's own way of logging per-layer norms every step: grad_norm() + self.log_dict()
              in on_before_optimizer_step, MLFlowLogger on a SQLite store, log_every_n_steps=1
   slow_server  (10x64) `stats`, but MLflow is a real `mlflow server` behind a proxy that holds every
@@ -43,6 +44,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from src import fused, tracking  # noqa: E402
@@ -51,6 +53,8 @@ from src.model import Classifier, build_mlp  # noqa: E402
 from tests.conftest import SlowProxy, free_port  # noqa: E402
 
 MODELS = {"small": (10, 64, "sigmoid"), "mid": (20, 256, "relu"), "wide": (5, 1024, "relu")}
+# the product's default MLflow snapshot cadence for the per-layer statistics
+MLFLOW_EVERY = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/stats/default.yaml").log_every_n_steps
 
 
 class StepTimer(L.Callback):
@@ -102,7 +106,7 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
         logger = tracking.MlflowAsyncLogger(writer, "bench")
         log_every = 10
         if condition in ("stats", "slow_server", "stats_torch") or condition.startswith("stats_every"):
-            every = int(condition[len("stats_every"):]) if condition.startswith("stats_every") else 10
+            every = int(condition[len("stats_every"):]) if condition.startswith("stats_every") else MLFLOW_EVERY
             callbacks.append(GradientStatsCallback(every_n_steps=1, log_every_n_steps=every,
                                                    trace_path=workdir / f"{run}.parquet"))
     trainer = L.Trainer(max_steps=steps + warmup, logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
@@ -192,7 +196,7 @@ def main() -> None:
     ap.add_argument("--no-slow-server", action="store_true", help="skip the slow tracking server condition")
     ap.add_argument("--torch-path", action="store_true", help="also time the statistics without the C kernel")
     ap.add_argument("--mlflow-every", type=int, default=0,
-                    help="also time the statistics with an MLflow snapshot every N steps (not 10)")
+                    help="also time the statistics with an MLflow snapshot every N steps")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,6 +41,18 @@ def test_option_composes_and_instantiates(group, option, compose_cfg, tiny_mnist
     GradientStatsCallback(cfg.stats.every_n_steps, cfg.stats.log_every_n_steps, cfg.stats.saturation_threshold)
 
 
+def test_per_layer_snapshots_have_their_own_cadence_and_presets_keep_the_seeds(compose_cfg):
+    """By default MLflow gets train/* every 10 steps and the per-layer snapshot every 50; the experiment
+    presets log the per-layer statistics at their trainer cadence, as the seeds were read."""
+    cfg = compose_cfg([])
+    assert (cfg.trainer.log_every_n_steps, cfg.stats.log_every_n_steps) == (10, 50)
+    assert compose_cfg(["stats=off"]).stats.log_every_n_steps == 50
+    for preset, every in (("circles_4x5", 25), ("moons_sigmoid_vs_relu", 7), ("cures", 10)):
+        cfg = compose_cfg([f"experiment={preset}"])
+        assert cfg.stats.log_every_n_steps == cfg.trainer.log_every_n_steps == every, preset
+    assert compose_cfg(["trainer.log_every_n_steps=3"]).stats.log_every_n_steps == 50
+
+
 @pytest.mark.parametrize("kind,fn", [("activation", registry.activation), ("init", registry.init_fn)])
 def test_registry_fails_loudly_listing_valid_names(kind, fn):
     with pytest.raises(registry.UnknownNameError, match=rf"unknown {kind} 'swish'; valid: .*tanh|unknown {kind} 'swish'; valid: .*normal"):

@@ -18,6 +18,7 @@ def test_four_parallel_runs_on_a_fresh_sqlite_store(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "src.train", f"seed={i}", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
+         "stats.log_every_n_steps=1",
          "trainer.enable_progress_bar=false", "tracking.plots=false", f"hydra.run.dir={tmp_path / str(i)}"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(4)]
     errors = [p.communicate(timeout=600)[1] for p in procs]

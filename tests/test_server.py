@@ -9,7 +9,7 @@ from src.train import train
 from tests.conftest import SlowProxy, runs_of
 
 STEPS = 40
-CFG = [f"trainer.max_steps={STEPS}", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+CFG = [f"trainer.max_steps={STEPS}", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "stats.log_every_n_steps=1",
        "trainer.enable_progress_bar=false", "model.depth=3", "model.width=16", "tracking.plots=false"]
 
 

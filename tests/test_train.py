@@ -7,7 +7,7 @@ from src.stats import LAYER_STATS
 from src.train import train
 from tests.conftest import runs_of
 
-FAST = ["trainer.max_epochs=1", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
+FAST = ["trainer.max_epochs=1", "trainer.max_steps=12", "trainer.log_every_n_steps=4", "stats.log_every_n_steps=4",
         "trainer.enable_progress_bar=false", "model.depth=3", "model.width=16"]
 
 
