@@ -64,7 +64,7 @@ class GradientStatsCallback(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 1,
-        log_every_n_steps: int = 10,
+        log_every_n_steps: int = 50,  # as conf/stats/default.yaml
         saturation_threshold: float = 0.05,
         trace_path: str | Path | None = None,
         trace_chunk_steps: int = 1024,
