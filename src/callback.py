@@ -9,18 +9,18 @@ of the activation module that runs after the layer (any registry activation, reu
 the weights, and the relative size of the step actually taken.
 
 Cost. Float32 weights on the CPU go through one compiled pass on each side of the optimizer step
-(src/fused.py: the gradient's sums before the step; the weights' sums and the step's size after it, which
-also keeps the weights for the next step's update); only the per-layer sums are buffered. Elsewhere (GPU,
-other dtypes, no C compiler) a recorded step only *captures* its raw inputs into preallocated ring buffers of `ring_steps` steps (one
-`_foreach_copy_` each for the gradients and the weights before and after the step); big nets, whose copies
-would cost more than the dispatch they save, reduce them at the step itself (whole-tensor passes) and buffer
-only the small per-step results. Activation module hooks run on the first recorded step, to learn which
-activation follows which layer. Then, on the fused path, if the kernel knows every activation (identity,
-ReLU, sigmoid, tanh) they stay, and each step's activation outputs are reduced at its end in one call;
-otherwise they are removed (if each reads its layer's output), the pre-activations are buffered too, and f(s)
-is recomputed from the layer output s kept by the Linear hook (the same op on the same input). Every
-`ring_steps` steps (and when training ends) the statistics of all buffered steps are computed in a few
-stacked ops, written to the trace and handed to the loggers *with their own step numbers*.
+(src/fused.py: the gradient's sums before the step; the weights' sums and the step's size after it, which also
+keeps the weights for the next step's update); only the per-layer sums are buffered. Elsewhere (GPU, other
+dtypes, no C compiler) a recorded step only *captures* its raw inputs into preallocated ring buffers of
+`ring_steps` steps (one `_foreach_copy_` each for the gradients and the weights before and after the step);
+big nets, whose copies would cost more than the dispatch they save, reduce them at the step itself
+(whole-tensor passes) and buffer only the small per-step results. Activation module hooks run on the first
+recorded step, to learn which activation follows which layer. Then, on the fused path, if the kernel knows
+every activation (identity, ReLU, sigmoid, tanh) they stay, and each step's activation outputs are reduced at
+its end in one call; otherwise they are removed (if each reads its layer's output), the pre-activations are
+buffered too, and f(s) is recomputed from the layer output s kept by the Linear hook (the same op on the same
+input). Every `ring_steps` steps (and when training ends) the statistics of all buffered steps are computed in
+a few stacked ops, written to the trace and handed to the loggers *with their own step numbers*.
 """
 from __future__ import annotations
 
