@@ -3,9 +3,13 @@
     python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu] [--threads N] [--no-slow-server]
                                   [--torch-path] [--mlflow-every N]
 
-For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times; each
-run's time per optimizer step is its mean over the timed steps (on_train_batch_start to on_train_batch_start,
-after a warm-up; the last step's own time is not counted), and the table shows the median over repeats.
+For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times, the
+order reversed on every other repeat (off, stats, ... then ..., stats, off) so that a machine slowing down
+or speeding up during the run biases no condition; each run's time per optimizer step is its mean over the
+timed steps (on_train_batch_start to on_train_batch_start, after a warm-up; the last step's own time is not
+counted). The table shows the median over repeats, and `paired`: the median over repeats of each repeat's
+own ratio to `off` (runs seconds apart, so the slow drift of a shared machine cancels), with its range.
+The machine-readable ratios are the paired medians.
 `drain s` is how long the run's end then waited for the MLflow backlog, and `total vs off` compares the
 timed steps plus that wait: a writer that fell behind during training shows there. Conditions:
   off        our pipeline with stats=off: the async MLflow logger gets train/loss every 10 steps
@@ -80,6 +84,14 @@ class LightningWay(Classifier):
 
     def on_before_optimizer_step(self, optimizer):
         self.log_dict(grad_norm(self.net, norm_type=2))
+
+
+def model_list(text: str) -> list[str]:
+    models = text.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    return models
 
 
 def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, device: str, workdir: Path
@@ -191,7 +203,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--models", default="small,mid,wide")
+    ap.add_argument("--models", default="small,mid,wide", type=model_list,
+                    help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-slow-server", action="store_true", help="skip the slow tracking server condition")
     ap.add_argument("--torch-path", action="store_true", help="also time the statistics without the C kernel")
@@ -204,7 +217,7 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     workdir = Path(tempfile.mkdtemp(prefix="gradflow-bench-"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    models = args.models.split(",")
+    models = args.models
     slow = "small" in models and not args.no_slow_server
     conds = {m: ["off", "stats"] + ["stats_torch"] * args.torch_path
              + [f"stats_every{args.mlflow_every}"] * bool(args.mlflow_every)
@@ -216,7 +229,7 @@ def main() -> None:
     with slow_server(workdir) if slow else contextlib.nullcontext() as slow_uri:
         for r in range(args.repeats):
             for m in models:
-                for c in conds[m]:
+                for c in conds[m] if r % 2 == 0 else reversed(conds[m]):
                     u = slow_uri if c == "slow_server" else uri
                     times[(m, c)].append(run_once(m, c, args.steps, args.warmup, u, args.device, workdir))
             print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
@@ -226,37 +239,46 @@ def main() -> None:
     drain = {k: statistics.median(t[2] for t in v) for k, v in times.items()}
     # the whole run: every timed step, then the wait for the MLflow backlog at its end
     total = {k: statistics.median(t[0] * args.steps + t[2] for t in v) for k, v in times.items()}
+    # each repeat's own ratio to `off`: wall, cpu, and whole run (steps plus the drain)
+    paired = {(m, c): [(a[0] / b[0], a[1] / b[1], (a[0] * args.steps + a[2]) / (b[0] * args.steps + b[2]))
+                       for a, b in zip(times[(m, c)], times[(m, "off")])] for (m, c) in times}
+    pmed = {k: tuple(statistics.median(r[j] for r in v) for j in range(3)) for k, v in paired.items()}
+
+    def between(m: str, a: str, b: str, cpu: bool = False) -> float:
+        """Median over repeats of condition a's time per step over condition b's, in the same repeat."""
+        return statistics.median(x[cpu] / y[cpu] for x, y in zip(times[(m, a)], times[(m, b)]))
+
     print(f"\n{'model':<18}{'condition':<16}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}"
-          f"{'drain s':>9}{'total vs off':>14}")
+          f"{'drain s':>9}{'total vs off':>14}{'paired':>8}{'range':>12}")
     for (m, c), t in med.items():
         depth, width, act = MODELS[m]
         lo, hi = spread[(m, c)]
         print(f"{f'{depth}x{width} {act}':<18}{c:<16}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
               f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x"
-              f"{drain[(m, c)]:>9.2f}{total[(m, c)] / total[(m, 'off')]:>13.2f}x")
+              f"{drain[(m, c)]:>9.2f}{total[(m, c)] / total[(m, 'off')]:>13.2f}x{pmed[(m, c)][0]:>7.2f}x"
+              f"{f'{min(r[0] for r in paired[(m, c)]):.2f}-{max(r[0] for r in paired[(m, c)]):.2f}':>12}")
     names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
     print()
     for m in models:
-        print(f"{names[m]}_cpu={cpu[(m, 'stats')] / cpu[(m, 'off')]:.3f}")
+        print(f"{names[m]}_cpu={pmed[(m, 'stats')][1]:.3f}")
     for m in models:
-        print(f"{names[m]}_total={total[(m, 'stats')] / total[(m, 'off')]:.3f}")
+        print(f"{names[m]}_total={pmed[(m, 'stats')][2]:.3f}")
     for m in models:
-        print(f"{names[m]}={med[(m, 'stats')] / med[(m, 'off')]:.3f}")
+        print(f"{names[m]}={pmed[(m, 'stats')][0]:.3f}")
     if args.torch_path:
         for m in models:
-            print(f"{names[m]}_torch_path={med[(m, 'stats_torch')] / med[(m, 'off')]:.3f}")
+            print(f"{names[m]}_torch_path={pmed[(m, 'stats_torch')][0]:.3f}")
     if args.mlflow_every:
         for m in models:
-            c = f"stats_every{args.mlflow_every}"
-            print(f"{names[m]}_mlflow_every_{args.mlflow_every}={med[(m, c)] / med[(m, 'off')]:.3f}")
+            print(f"{names[m]}_mlflow_every_{args.mlflow_every}={pmed[(m, f'stats_every{args.mlflow_every}')][0]:.3f}")
     backend, ours = ingest(uri)
     print(f"\ningest: log_batch(1000) direct {backend:,.0f} metrics/s, AsyncRunWriter sustained {ours:,.0f} metrics/s")
     print(f"ingest_ratio={ours / backend:.2f}")
     if slow:  # wall time: waiting on the network would show there, not in CPU time
-        print(f"slow_server_ratio={med[('small', 'slow_server')] / med[('small', 'stats')]:.3f}")
+        print(f"slow_server_ratio={between('small', 'slow_server', 'stats'):.3f}")
     if "small" in models:
-        print(f"vs_lightning_ratio_cpu={cpu[('small', 'lightning')] / cpu[('small', 'stats')]:.2f}")
-        print(f"vs_lightning_ratio={med[('small', 'lightning')] / med[('small', 'stats')]:.2f}")
+        print(f"vs_lightning_ratio_cpu={between('small', 'lightning', 'stats', cpu=True):.2f}")
+        print(f"vs_lightning_ratio={between('small', 'lightning', 'stats'):.2f}")
 
 
 if __name__ == "__main__":

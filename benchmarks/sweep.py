@@ -1,17 +1,18 @@
 """Sweep throughput: one worker against two on the same 8-point grid, and the per-trial overhead.
 
-    python benchmarks/sweep.py [--epochs 3]
+    python benchmarks/sweep.py [--epochs 10] [--repeats 1]
 
 The sweeps run back to back in fresh studies and MLflow stores under a temporary folder: one worker with the
 thread split `make sweep` uses (all cores), one worker with one torch thread (on small nets one thread is
-often faster than several, so this is the fairer baseline), and two workers (cores/2 threads each). The per-trial overhead is a trial's
-wall time (claim to result, as Optuna records it) minus the time its Lightning fit took (`time/fit_s`) and the
-time its trace, figures and uploads took after it (`time/artifacts_s`, shown apart): fork, Hydra job set-up,
-MLflow run creation, data loading, the verdict. The grid phase runs from the first
-claim to the last result: the command less its start-up (imports, stores, queueing) and the report. Last
-lines: `workers_2_vs_1=<ratio>` (whole commands, against the default one-worker run),
-`workers_2_vs_1_thread=<ratio>` (against the one-thread run), `grid_phase_2_vs_1=<ratio>` and
-`trial_overhead_s=<seconds>`.
+often faster than several, so this is the fairer baseline), and two workers (cores/2 threads each); with
+`--repeats N` the three run N times, in reversed order every other time, and ratios are the median of each
+repeat's own. The per-trial overhead is a trial's wall time (claim to result, as Optuna records it) minus the
+time its Lightning fit took (`time/fit_s`) and the time its trace, figures and uploads took after it
+(`time/artifacts_s`, shown apart): fork, Hydra job set-up, MLflow run creation, data loading, the verdict.
+A command splits into its start-up (command start to the first claim: imports, stores, queueing), the grid
+phase (first claim to last result) and the report (last result to exit). Last lines: `workers_2_vs_1=<ratio>`
+(whole commands, against the default one-worker run), `workers_2_vs_1_thread=<ratio>` (against the
+one-thread run), `grid_phase_2_vs_1=<ratio>` and `trial_overhead_s=<seconds>`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -34,24 +37,32 @@ from src import sweep  # noqa: E402
 GRID = ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"]
 
 
-def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None
-              ) -> tuple[float, float, list[float], list[float], list[float]]:
+class Sweep(NamedTuple):
+    wall: float  # the whole command
+    grid: float  # first claim to last result
+    startup: float  # command start to first claim: imports, stores, queueing
+    end: float  # last result to the command's exit: the report
+    overheads: list[float]
+    fits: list[float]
+    artifacts: list[float]
+
+
+def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None) -> Sweep:
     tag = f"w{workers}t{threads}"
     storage, uri = f"journal:{tmp}/{tag}.journal", f"sqlite:///{tmp}/{tag}.db"
     cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *GRID, f"trainer.max_epochs={epochs}",
            "tracking.plots=true", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
            f"hydra.sweep.dir={tmp}/sweeps-{tag}"] + ([f"hydra.sweeper.torch_threads={threads}"] if threads else [])
-    t0 = time.perf_counter()
+    tmp.mkdir(parents=True, exist_ok=True)
+    began, t0 = datetime.now(), time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     study = optuna.load_study(study_name="gradflow-grid", storage=sweep.open_storage(storage))
     client = MlflowClient(uri)
-    overheads, fits = [], []
+    overheads, fits, artifacts = [], [], []
     trials = study.get_trials()
-    # the grid phase: first claim to last result (the command's wall time less start-up and the report)
-    grid = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
-    artifacts = []
+    first, last = min(t.datetime_start for t in trials), max(t.datetime_complete for t in trials)
     for t in trials:
         assert t.state.name == "COMPLETE", (t.number, t.state, t.user_attrs.get("error"))
         m = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics
@@ -59,33 +70,54 @@ def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None
                          - m["time/artifacts_s"])
         fits.append(m["time/fit_s"])
         artifacts.append(m["time/artifacts_s"])
-    return wall, grid, overheads, fits, artifacts
+    startup = (first - began).total_seconds()
+    grid = (last - first).total_seconds()
+    return Sweep(wall, grid, startup, wall - startup - grid, overheads, fits, artifacts)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=10, help="the grid's own default is 10")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the three sweeps this many times, in reversed order every other time")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    configs = {"1 (all cores)": (1, None), "1 (1 thread)": (1, 1), "2": (2, None)}
+    runs: dict[str, list[Sweep]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory(prefix="gradflow-bench-") as tmp:
-        one, grid1, over, fit1, art1 = run_sweep(Path(tmp), 1, args.epochs)
-        one_t, grid1_t, over_t, fit1_t, art1_t = run_sweep(Path(tmp), 1, args.epochs, threads=1)
-        two, grid2, over2, fit2, art2 = run_sweep(Path(tmp), 2, args.epochs)
-    print(f"8-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores")
-    print(f"{'workers':>18} {'wall s':>8} {'grid s':>8} {'fit s/trial':>12} {'artifacts s/trial':>18} "
-          f"{'overhead s/trial':>17}")
-    rows = (("1 (all cores)", one, grid1, fit1, art1, over), ("1 (1 thread)", one_t, grid1_t, fit1_t, art1_t, over_t),
-            ("2", two, grid2, fit2, art2, over2))
-    for name, wall, grid, fit, art, ov in rows:
-        print(f"{name:>18} {wall:8.1f} {grid:8.1f} {statistics.mean(fit):12.2f} {statistics.mean(art):18.2f} "
-              f"{statistics.median(ov):17.2f}")
-    print(f"start-up and report (wall - grid), 1 worker: {one - grid1:.1f} s, 2 workers: {two - grid2:.1f} s")
-    print(f"per-trial overhead (trial wall - fit - artifacts), 1 worker: median {statistics.median(over):.2f} s, "
+        for r in range(args.repeats):
+            for name in list(configs) if r % 2 == 0 else reversed(configs):
+                workers, threads = configs[name]
+                runs[name].append(run_sweep(Path(tmp) / f"r{r}", workers, args.epochs, threads))
+                print(f"repeat {r + 1}/{args.repeats}: {name} worker(s) took {runs[name][-1].wall:.1f} s",
+                      file=sys.stderr, flush=True)
+    med = statistics.median
+    print(f"8-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores, {args.repeats} repeat(s); "
+          "medians over repeats")
+    print(f"{'workers':>14} {'wall s':>7} {'start-up s':>11} {'grid s':>7} {'report s':>9} {'fit s/trial':>12} "
+          f"{'artifacts s/trial':>18} {'overhead s/trial':>17}")
+    for name, rs in runs.items():
+        print(f"{name:>14} {med(r.wall for r in rs):7.1f} {med(r.startup for r in rs):11.1f} "
+              f"{med(r.grid for r in rs):7.1f} {med(r.end for r in rs):9.1f} "
+              f"{med(statistics.mean(r.fits) for r in rs):12.2f} {med(statistics.mean(r.artifacts) for r in rs):18.2f} "
+              f"{med(statistics.median(r.overheads) for r in rs):17.2f}")
+
+    def paired(a: str, b: str, field: str = "wall") -> tuple[float, float, float]:
+        """Median, min and max over repeats of a's time over b's in the same repeat."""
+        ratios = [getattr(x, field) / getattr(y, field) for x, y in zip(runs[a], runs[b])]
+        return med(ratios), min(ratios), max(ratios)
+
+    over = [o for r in runs["1 (all cores)"] for o in r.overheads]
+    print(f"per-trial overhead (trial wall - fit - artifacts), 1 worker: median {med(over):.2f} s, "
           f"max {max(over):.2f} s")
-    print(f"workers_2_vs_1={two / one:.3f}")
-    print(f"workers_2_vs_1_thread={two / one_t:.3f}")
-    print(f"grid_phase_2_vs_1={grid2 / grid1:.3f}")
-    print(f"trial_overhead_s={statistics.median(over):.3f}")
-    print(f"trial_artifacts_s={statistics.median(art1):.3f}")
+    for key, (a, b, field) in {"workers_2_vs_1": ("2", "1 (all cores)", "wall"),
+                               "workers_2_vs_1_thread": ("2", "1 (1 thread)", "wall"),
+                               "grid_phase_2_vs_1": ("2", "1 (all cores)", "grid")}.items():
+        mid, lo, hi = paired(a, b, field)
+        print(f"{key}={mid:.3f}" + (f"  (repeats: {lo:.3f}-{hi:.3f})" if args.repeats > 1 else ""))
+    print(f"trial_overhead_s={med(over):.3f}")
+    print(f"trial_artifacts_s={med(a for r in runs['1 (all cores)'] for a in r.artifacts):.3f}")
 
 
 if __name__ == "__main__":
