@@ -239,14 +239,19 @@ def main() -> None:
     drain = {k: statistics.median(t[2] for t in v) for k, v in times.items()}
     # the whole run: every timed step, then the wait for the MLflow backlog at its end
     total = {k: statistics.median(t[0] * args.steps + t[2] for t in v) for k, v in times.items()}
-    # each repeat's own ratio to `off`: wall, cpu, and whole run (steps plus the drain)
-    paired = {(m, c): [(a[0] / b[0], a[1] / b[1], (a[0] * args.steps + a[2]) / (b[0] * args.steps + b[2]))
-                       for a, b in zip(times[(m, c)], times[(m, "off")])] for (m, c) in times}
-    pmed = {k: tuple(statistics.median(r[j] for r in v) for j in range(3)) for k, v in paired.items()}
+    def per_repeat(m: str, a: str, b: str, measure) -> list[float]:
+        """Condition a's measure over condition b's, repeat by repeat (runs seconds apart)."""
+        return [measure(x) / measure(y) for x, y in zip(times[(m, a)], times[(m, b)])]
 
-    def between(m: str, a: str, b: str, cpu: bool = False) -> float:
+    # a run's wall and CPU time per step, and the whole run: every timed step, then the drain
+    wall, thread, whole = (lambda t: t[0]), (lambda t: t[1]), (lambda t: t[0] * args.steps + t[2])
+    paired = {(m, c): per_repeat(m, c, "off", wall) for (m, c) in times}
+    pmed = {(m, c): tuple(statistics.median(per_repeat(m, c, "off", f)) for f in (wall, thread, whole))
+            for (m, c) in times}
+
+    def between(m: str, a: str, b: str, measure=wall) -> float:
         """Median over repeats of condition a's time per step over condition b's, in the same repeat."""
-        return statistics.median(x[cpu] / y[cpu] for x, y in zip(times[(m, a)], times[(m, b)]))
+        return statistics.median(per_repeat(m, a, b, measure))
 
     print(f"\n{'model':<18}{'condition':<16}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}"
           f"{'drain s':>9}{'total vs off':>14}{'paired':>8}{'range':>12}")
@@ -256,7 +261,7 @@ def main() -> None:
         print(f"{f'{depth}x{width} {act}':<18}{c:<16}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
               f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x"
               f"{drain[(m, c)]:>9.2f}{total[(m, c)] / total[(m, 'off')]:>13.2f}x{pmed[(m, c)][0]:>7.2f}x"
-              f"{f'{min(r[0] for r in paired[(m, c)]):.2f}-{max(r[0] for r in paired[(m, c)]):.2f}':>12}")
+              f"{f'{min(paired[(m, c)]):.2f}-{max(paired[(m, c)]):.2f}':>12}")
     names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
     print()
     for m in models:
@@ -277,7 +282,7 @@ def main() -> None:
     if slow:  # wall time: waiting on the network would show there, not in CPU time
         print(f"slow_server_ratio={between('small', 'slow_server', 'stats'):.3f}")
     if "small" in models:
-        print(f"vs_lightning_ratio_cpu={between('small', 'lightning', 'stats', cpu=True):.2f}")
+        print(f"vs_lightning_ratio_cpu={between('small', 'lightning', 'stats', thread):.2f}")
         print(f"vs_lightning_ratio={between('small', 'lightning', 'stats'):.2f}")
 
 
