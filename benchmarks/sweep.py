@@ -1,13 +1,15 @@
-"""Sweep throughput: one worker against two on the same 8-point grid, and the per-trial overhead.
+"""Sweep throughput: one worker against two on the same grid, and the per-trial overhead.
 
-    python benchmarks/sweep.py [--epochs 10] [--repeats 1]
+    python benchmarks/sweep.py [--epochs 10] [--repeats 1] [--grid 8|18]
 
-The sweeps run back to back in fresh studies and MLflow stores under a temporary folder: one worker with the
-thread split `make sweep` uses (all cores), one worker with one torch thread (on small nets one thread is
-often faster than several, so this is the fairer baseline), and two workers (cores/2 threads each); with
-`--repeats N` the three run N times, in reversed order every other time, and ratios are the median of each
-repeat's own. The per-trial overhead is a trial's wall time (claim to result, as Optuna records it) minus the
-time its Lightning fit took (`time/fit_s`) and the time its trace, figures and uploads took after it
+`--grid 8` (the default) is activation=sigmoid,relu x init=xavier,he x model.depth=2,4; `--grid 18` is the
+grid `make sweep` runs (conf/hparams_search/grid.yaml's own axes, 3 x 2 x 3). The sweeps run back to back in
+fresh studies and MLflow stores under a temporary folder: one worker with the thread split `make sweep` uses
+(all cores), one worker with one torch thread (on small nets one thread is often faster than several, so this
+is the fairer baseline), and two workers (cores/2 threads each); with `--repeats N` the three run N times, in
+reversed order every other time, and ratios are the median of each repeat's own. The per-trial overhead
+is a trial's wall time (claim to result, as Optuna records it) minus the time its Lightning fit took
+(`time/fit_s`) and the time its trace, figures and uploads took after it
 (`time/artifacts_s`, shown apart): fork, Hydra job set-up, MLflow run creation, data loading, the verdict.
 A command splits into its start-up (command start to the first claim: imports, stores, queueing), the grid
 phase (first claim to last result) and the report (last result to exit). Last lines: `workers_2_vs_1=<ratio>`
@@ -34,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from src import sweep  # noqa: E402
 
-GRID = ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"]
+# the grids' axis overrides: 8 points, or none (the config's own 18)
+GRIDS = {8: ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"], 18: []}
 
 
 class Sweep(NamedTuple):
@@ -47,10 +50,10 @@ class Sweep(NamedTuple):
     artifacts: list[float]
 
 
-def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None) -> Sweep:
+def run_sweep(tmp: Path, grid: list[str], workers: int, epochs: int, threads: int | None = None) -> Sweep:
     tag = f"w{workers}t{threads}"
     storage, uri = f"journal:{tmp}/{tag}.journal", f"sqlite:///{tmp}/{tag}.db"
-    cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *GRID, f"trainer.max_epochs={epochs}",
+    cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *grid, f"trainer.max_epochs={epochs}",
            "tracking.plots=true", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
            f"hydra.sweep.dir={tmp}/sweeps-{tag}"] + ([f"hydra.sweeper.torch_threads={threads}"] if threads else [])
     tmp.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,8 @@ def run_sweep(tmp: Path, workers: int, epochs: int, threads: int | None = None) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=10, help="the grid's own default is 10")
+    ap.add_argument("--grid", type=int, choices=sorted(GRIDS), default=8,
+                    help="8: the 2 x 2 x 2 grid; 18: the default grid of make sweep")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the three sweeps this many times, in reversed order every other time")
     args = ap.parse_args()
@@ -89,12 +94,13 @@ def main() -> None:
         for r in range(args.repeats):
             for name in list(configs) if r % 2 == 0 else reversed(configs):
                 workers, threads = configs[name]
-                runs[name].append(run_sweep(Path(tmp) / f"r{r}", workers, args.epochs, threads))
+                runs[name].append(run_sweep(Path(tmp) / f"r{r}", GRIDS[args.grid], workers, args.epochs,
+                                                threads))
                 print(f"repeat {r + 1}/{args.repeats}: {name} worker(s) took {runs[name][-1].wall:.1f} s",
                       file=sys.stderr, flush=True)
     med = statistics.median
-    print(f"8-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores, {args.repeats} repeat(s); "
-          "medians over repeats")
+    print(f"{args.grid}-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores, "
+          f"{args.repeats} repeat(s); medians over repeats")
     print(f"{'workers':>14} {'wall s':>7} {'start-up s':>11} {'grid s':>7} {'report s':>9} {'fit s/trial':>12} "
           f"{'artifacts s/trial':>18} {'overhead s/trial':>17}")
     for name, rs in runs.items():
