@@ -129,8 +129,9 @@ class AsyncRunWriter:
         self.spool_dir = Path(spool_dir) if spool_dir else Path.cwd()
         self.retry_seconds = retry_seconds
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        # values handed over and values sent or spooled, each written by one thread only (`+=` from two
-        # threads could lose updates); their difference is the backlog
+        # values handed over and values sent or spooled; their difference is the backlog. `_done` is written
+        # by the writer thread only; `_added` by any thread that logs (callers may log from several), under
+        # `_add_lock`, since `+=` from two threads could lose updates
         self._added = self._done = 0
         self._add_lock = threading.Lock()
         self._waited = False
