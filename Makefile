@@ -11,7 +11,8 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast ui bench up down clean sweep sweep-status sweep-report dashboard
+.PHONY: help install train test test-fast ui bench up down clean sweep sweep-status sweep-report sweep-requeue \
+	dashboard
 SWEEP_WORKERS ?= 2
 SWEEP_STORAGE ?=
 SWEEP_ARGS = hparams_search=grid $(ARGS)
@@ -52,6 +53,9 @@ sweep-status: install ## progress of the sweep's study (same SWEEP_STORAGE / ARG
 
 sweep-report: install ## (re)write the sweep report and attach it to the study's MLflow parent run
 	$(PY) -m src.sweeper report $(SWEEP_ARGS)
+
+sweep-requeue: install ## queue the points that failed in every trial again (then make sweep runs them)
+	$(PY) -m src.sweeper requeue $(SWEEP_ARGS)
 
 dashboard: install ## optuna-dashboard on the sweep's storage (DASHBOARD_PORT, default 8080)
 	$(PY) -m src.sweeper dashboard $(SWEEP_ARGS)

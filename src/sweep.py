@@ -264,6 +264,33 @@ def enqueue_grid(study: optuna.Study, points: list[dict[str, Any]], wait: float 
                        f"'{study.study_name}::grid-{digest}' and start again")
 
 
+def requeue_failed(study: optuna.Study) -> list[dict[str, Any]]:
+    """Queue once more, with a fresh retry budget, every point whose trials all ended FAIL (retries spent, a
+    NaN objective, a failure that is not retried); pruned, finished, running and queued points are left as
+    they are. Returns the points queued. When several processes call this at once, one of them queues."""
+    latest: dict[str, FrozenTrial] = {}
+    settled = set()
+    for t in study.get_trials(deepcopy=False):
+        key, params = point_key(_params(t)), _params(t)
+        if not params:  # a sampled trial that failed before its parameters were drawn: nothing to repeat
+            continue
+        if t.state != TrialState.FAIL:
+            settled.add(key)
+        elif key not in latest or t.number > latest[key].number:
+            latest[key] = t
+    todo = sorted((t for k, t in latest.items() if k not in settled), key=lambda t: t.number)
+    if not todo:
+        return []
+    # the newest failed trial of each point names this request: a second caller with the same view loses the
+    # election; after these fail again, their new trials make a new name
+    digest = hashlib.sha1(",".join(str(t.number) for t in todo).encode()).hexdigest()[:12]
+    if not elect(study, f"requeue-{digest}"):
+        return []
+    for t in todo:
+        study.enqueue_trial(_params(t))
+    return [_params(t) for t in todo]
+
+
 def _storage(study: optuna.Study):
     # Optuna exposes no public way to move one given WAITING trial to RUNNING (ask() may create a new trial
     # instead) or to renew a lease outside optimize(); the storage API it uses itself does both atomically.

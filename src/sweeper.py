@@ -381,6 +381,8 @@ USAGE = """usage: python -m src.sweeper COMMAND [hydra overrides]
   status     the study's progress: counts per state and every trial
   report     write the sweep report (CSV, HTML, heatmaps), print it, attach it to the study's MLflow run
   dashboard  start optuna-dashboard on the study's storage (127.0.0.1:$DASHBOARD_PORT, default 8080)
+  requeue    queue the points whose every trial failed once more, with a fresh retry budget; the next run
+             of the sweep (or any worker still running) runs them
   submit     start N workers as jobs: `submit --workers 4 [--slurm-partition P --gpus-per-worker 1]`;
              on SLURM when sbatch is available, else as local processes (submitit's local executor)
 The overrides choose the study as the sweep does, e.g. `hparams_search=grid hydra.sweeper.storage=...`."""
@@ -431,7 +433,7 @@ def _has_slurm() -> bool:
 def main(argv: list[str]) -> int:
     import argparse
 
-    if not argv or argv[0] not in ("status", "report", "dashboard", "submit"):
+    if not argv or argv[0] not in ("status", "report", "dashboard", "submit", "requeue"):
         print(USAGE, file=sys.stderr)
         return 2
     cmd = argv[0]
@@ -458,6 +460,13 @@ def main(argv: list[str]) -> int:
         return 1
     if cmd == "status":
         print(report.status_text(study))
+        return 0
+    if cmd == "requeue":
+        points = sweep.requeue_failed(study)
+        for p in points:
+            print("queued again: " + ",".join(sweep.as_overrides(p)))
+        sweep.log(f"study {name!r}: {len(points)} failed point(s) queued again"
+                  + ("; run the sweep again to run them" if points else " (none had failed in every trial)"))
         return 0
     out = Path(str(cfg.hydra.sweep.dir)) / "report"
     paths, text = report.write(study, out, cfg.get("optimized_metric") or "objective")

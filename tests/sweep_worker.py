@@ -22,3 +22,10 @@ def grid_worker(url: str, name: str, space_cfg: dict, out, start, delay: float) 
         return sweep.Outcome(value=float(params["a"] * 10 + params["b"]))
 
     out.put(sweep.work(study, space, FAST, grid=True, run=run))
+
+
+def requeue_worker(url: str, name: str, out, start) -> None:
+    """Wait until every process is ready, then ask for the failed points to be queued again at once."""
+    study = sweep.load_or_create(sweep.open_storage(url), name, "maximize")
+    start.wait(timeout=300)
+    out.put(len(sweep.requeue_failed(study)))

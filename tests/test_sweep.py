@@ -157,6 +157,79 @@ def test_nan_objectives_are_recorded_not_retried_and_do_not_stop_the_sweep(tmp_p
     assert by_a[2].state == TrialState.COMPLETE and by_a[2].value == 0.9
 
 
+def _failed_grid(url: str, name: str) -> optuna.Study:
+    """A 4-point grid after one sweep (one retry): a=0 completes, a=1 fails once then completes, a=2 fails
+    every time, a=3 returns NaN (never retried)."""
+    space, _ = sweep.parse_space({"a": "range(0, 4)"}, [])
+    study = sweep.load_or_create(sweep.open_storage(url), name, "maximize")
+    sweep.enqueue_grid(study, sweep.grid_points(space))
+    seen = []
+
+    def run(trial, params):
+        seen.append(params["a"])
+        if params["a"] == 2 or (params["a"] == 1 and seen.count(1) == 1):
+            raise RuntimeError("out of memory (simulated)")
+        return sweep.Outcome(value=math.nan if params["a"] == 3 else 1.0)
+
+    policy = sweep.Policy(max_retries=1, heartbeat_interval=0.1, grace_period=0.5, poll_interval=0.05)
+    sweep.work(study, space, policy, grid=True, run=run)
+    return study
+
+
+def test_requeue_queues_only_the_points_that_failed_every_time_with_a_fresh_retry_budget(tmp_path):
+    study = _failed_grid(f"journal:{tmp_path}/j.log", "requeue")
+    points = [{"a": a} for a in range(4)]
+    assert sweep.grid_status(study, points) == {"points": 4, "complete": 2, "pending": 0, "failed": 2,
+                                                "missing": 0}
+    assert sorted(p["a"] for p in sweep.requeue_failed(study)) == [2, 3]
+    assert sweep.requeue_failed(study) == []  # already queued: asking again adds nothing
+    assert sweep.grid_status(study, points)["pending"] == 2
+
+    attempts = []
+
+    def fails_once_more(trial, params):  # the fresh budget (max_retries=1) allows one retry per point
+        attempts.append(params["a"])
+        return sweep.Outcome(error="still failing") if attempts.count(params["a"]) == 1 else sweep.Outcome(value=2.0)
+
+    space, _ = sweep.parse_space({"a": "range(0, 4)"}, [])
+    sweep.work(study, space, sweep.Policy(max_retries=1, heartbeat_interval=0.1, grace_period=0.5,
+                                          poll_interval=0.05), grid=True, run=fails_once_more)
+    assert sorted(attempts) == [2, 2, 3, 3]
+    assert sweep.grid_status(study, points)["complete"] == 4
+    assert sweep.requeue_failed(study) == []
+
+
+def test_requeue_from_several_processes_at_once_queues_each_point_once(tmp_path):
+    url, name = f"journal:{tmp_path}/j.log", "requeue-race"
+    _failed_grid(url, name)
+    ctx = mp.get_context("spawn")
+    out, start = ctx.Queue(), ctx.Barrier(3)
+    procs = [ctx.Process(target=sweep_worker.requeue_worker, args=(url, name, out, start)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert sorted(out.get(timeout=5) for _ in procs) == [0, 0, 2]
+    study = optuna.load_study(study_name=name, storage=sweep.open_storage(url))
+    waiting = study.get_trials(states=(TrialState.WAITING,))  # a queued trial keeps its point as fixed_params
+    assert sorted(t.system_attrs["fixed_params"]["a"] for t in waiting) == [2, 3]
+
+
+def test_the_requeue_command_names_what_it_queued(tmp_path, capsys):
+    from src import sweeper
+
+    url = f"journal:{tmp_path}/j.log"
+    _failed_grid(url, "requeue-cli")
+    args = ["requeue", f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=requeue-cli"]
+    assert sweeper.main(args) == 0
+    out = capsys.readouterr()
+    assert sorted(out.out.splitlines()) == ["queued again: a=2", "queued again: a=3"]
+    assert "2 failed point(s) queued again; run the sweep again to run them" in out.err
+    assert sweeper.main(args) == 0
+    assert "0 failed point(s) queued again" in capsys.readouterr().err
+
+
 def test_resume_runs_only_what_is_left_and_requeues_an_interrupted_point(tmp_path):
     url, space_cfg = f"journal:{tmp_path}/j.log", {"a": "range(0, 5)"}
     space, _ = sweep.parse_space(space_cfg, [])
