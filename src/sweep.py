@@ -21,6 +21,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from src.urls import redact, sqlite_path
 HEARTBEAT = "gradflow:heartbeat"  # trial system attribute: unix time of the worker's last sign of life
 WORKER = "gradflow:worker"        # trial system attribute: host:pid of the worker that claimed it
 DEFAULT_STORAGE = "journal:sweeps/optuna.journal"
+SETTLE_S = 5.0  # requeue_failed waits this long after a failure for the worker's own retry to be queued
 SCHEMA_LOCK_ID = 0x6772616466  # any constant shared by all workers ("gradf")
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "postgresql+psycopg", "mysql", "mysql+pymysql")
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress line replaces Optuna's per-trial log
@@ -264,16 +266,20 @@ def enqueue_grid(study: optuna.Study, points: list[dict[str, Any]], wait: float 
                        f"'{study.study_name}::grid-{digest}' and start again")
 
 
-def requeue_failed(study: optuna.Study) -> list[dict[str, Any]]:
+def requeue_failed(study: optuna.Study, settle: float | None = None) -> list[dict[str, Any]]:
     """Queue once more, with a fresh retry budget, every point whose trials all ended FAIL (retries spent, a
     NaN objective, a failure that is not retried); pruned, finished, running and queued points are left as
-    they are. Returns the points queued. When several processes call this at once, one of them queues."""
+    they are. Returns the points queued. When several processes call this at once, one of them queues.
+    A worker re-queues a point it may retry right after failing it (after closing its MLflow run): failures
+    younger than `settle` seconds (SETTLE_S) are waited for first, so that such a point is not queued twice."""
+    settle = SETTLE_S if settle is None else settle
     latest: dict[str, FrozenTrial] = {}
     settled = set()
     for t in study.get_trials(deepcopy=False):
-        key, params = point_key(_params(t)), _params(t)
+        params = _params(t)
         if not params:  # a sampled trial that failed before its parameters were drawn: nothing to repeat
             continue
+        key = point_key(params)
         if t.state != TrialState.FAIL:
             settled.add(key)
         elif key not in latest or t.number > latest[key].number:
@@ -281,6 +287,11 @@ def requeue_failed(study: optuna.Study) -> list[dict[str, Any]]:
     todo = sorted((t for k, t in latest.items() if k not in settled), key=lambda t: t.number)
     if not todo:
         return []
+    young = max((t.datetime_complete for t in todo if t.datetime_complete), default=None)
+    wait = settle - (datetime.now() - young).total_seconds() if young else 0.0
+    if wait > 0:
+        time.sleep(wait)
+        return requeue_failed(study, settle=0.0)
     # the newest failed trial of each point names this request: a second caller with the same view loses the
     # election; after these fail again, their new trials make a new name
     digest = hashlib.sha1(",".join(str(t.number) for t in todo).encode()).hexdigest()[:12]

@@ -28,4 +28,4 @@ def requeue_worker(url: str, name: str, out, start) -> None:
     """Wait until every process is ready, then ask for the failed points to be queued again at once."""
     study = sweep.load_or_create(sweep.open_storage(url), name, "maximize")
     start.wait(timeout=300)
-    out.put(len(sweep.requeue_failed(study)))
+    out.put(len(sweep.requeue_failed(study, settle=0.0)))

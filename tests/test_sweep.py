@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import threading
 import time
 import uuid
 
@@ -181,8 +182,8 @@ def test_requeue_queues_only_the_points_that_failed_every_time_with_a_fresh_retr
     points = [{"a": a} for a in range(4)]
     assert sweep.grid_status(study, points) == {"points": 4, "complete": 2, "pending": 0, "failed": 2,
                                                 "missing": 0}
-    assert sorted(p["a"] for p in sweep.requeue_failed(study)) == [2, 3]
-    assert sweep.requeue_failed(study) == []  # already queued: asking again adds nothing
+    assert sorted(p["a"] for p in sweep.requeue_failed(study, settle=0)) == [2, 3]
+    assert sweep.requeue_failed(study, settle=0) == []  # already queued: asking again adds nothing
     assert sweep.grid_status(study, points)["pending"] == 2
 
     attempts = []
@@ -196,7 +197,24 @@ def test_requeue_queues_only_the_points_that_failed_every_time_with_a_fresh_retr
                                           poll_interval=0.05), grid=True, run=fails_once_more)
     assert sorted(attempts) == [2, 2, 3, 3]
     assert sweep.grid_status(study, points)["complete"] == 4
-    assert sweep.requeue_failed(study) == []
+    assert sweep.requeue_failed(study, settle=0) == []
+
+
+def test_requeue_waits_for_a_workers_own_retry_of_a_fresh_failure(tmp_path):
+    """A worker fails a trial, closes its MLflow run, then queues the retry: requeue in between must not
+    queue the point a second time."""
+    study = sweep.load_or_create(sweep.open_storage(f"journal:{tmp_path}/j.log"), "settle", "maximize")
+    study.enqueue_trial({"a": 1})
+    trial = sweep.claim(study, grid=True)
+    trial.suggest_categorical("a", [1])
+    study.tell(trial, state=TrialState.FAIL)
+    retry = threading.Timer(1.0, lambda: study.enqueue_trial({"a": 1}))  # the worker's retry, a second later
+    retry.start()
+    t0 = time.monotonic()
+    assert sweep.requeue_failed(study, settle=3.0) == []
+    assert time.monotonic() - t0 >= 2.5
+    retry.join()
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
 
 
 def test_requeue_from_several_processes_at_once_queues_each_point_once(tmp_path):
@@ -216,9 +234,10 @@ def test_requeue_from_several_processes_at_once_queues_each_point_once(tmp_path)
     assert sorted(t.system_attrs["fixed_params"]["a"] for t in waiting) == [2, 3]
 
 
-def test_the_requeue_command_names_what_it_queued(tmp_path, capsys):
+def test_the_requeue_command_names_what_it_queued(tmp_path, capsys, monkeypatch):
     from src import sweeper
 
+    monkeypatch.setattr(sweep, "SETTLE_S", 0.0)
     url = f"journal:{tmp_path}/j.log"
     _failed_grid(url, "requeue-cli")
     args = ["requeue", f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=requeue-cli"]
