@@ -297,9 +297,10 @@ def requeue_failed(study: optuna.Study, settle: float | None = None) -> list[dic
     digest = hashlib.sha1(",".join(str(t.number) for t in todo).encode()).hexdigest()[:12]
     if not elect(study, f"requeue-{digest}"):
         return []
-    for t in todo:
-        study.enqueue_trial(_params(t))
-    return [_params(t) for t in todo]
+    points = [_params(t) for t in todo]
+    for p in points:
+        study.enqueue_trial(p)
+    return points
 
 
 def _storage(study: optuna.Study):

@@ -19,6 +19,7 @@ from tests import sweep_worker
 from tests.pg import fresh_database
 
 FAST = sweep.Policy(max_retries=2, heartbeat_interval=0.1, grace_period=0.5, poll_interval=0.05)
+ONE_RETRY = sweep.Policy(max_retries=1, heartbeat_interval=0.1, grace_period=0.5, poll_interval=0.05)
 
 
 # ------------------------------------------------------------------------------------------- overrides
@@ -172,8 +173,7 @@ def _failed_grid(url: str, name: str) -> optuna.Study:
             raise RuntimeError("out of memory (simulated)")
         return sweep.Outcome(value=math.nan if params["a"] == 3 else 1.0)
 
-    policy = sweep.Policy(max_retries=1, heartbeat_interval=0.1, grace_period=0.5, poll_interval=0.05)
-    sweep.work(study, space, policy, grid=True, run=run)
+    sweep.work(study, space, ONE_RETRY, grid=True, run=run)
     return study
 
 
@@ -193,8 +193,7 @@ def test_requeue_queues_only_the_points_that_failed_every_time_with_a_fresh_retr
         return sweep.Outcome(error="still failing") if attempts.count(params["a"]) == 1 else sweep.Outcome(value=2.0)
 
     space, _ = sweep.parse_space({"a": "range(0, 4)"}, [])
-    sweep.work(study, space, sweep.Policy(max_retries=1, heartbeat_interval=0.1, grace_period=0.5,
-                                          poll_interval=0.05), grid=True, run=fails_once_more)
+    sweep.work(study, space, ONE_RETRY, grid=True, run=fails_once_more)
     assert sorted(attempts) == [2, 2, 3, 3]
     assert sweep.grid_status(study, points)["complete"] == 4
     assert sweep.requeue_failed(study, settle=0) == []
