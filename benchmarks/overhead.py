@@ -239,6 +239,7 @@ def main() -> None:
     drain = {k: statistics.median(t[2] for t in v) for k, v in times.items()}
     # the whole run: every timed step, then the wait for the MLflow backlog at its end
     total = {k: statistics.median(t[0] * args.steps + t[2] for t in v) for k, v in times.items()}
+
     def per_repeat(m: str, a: str, b: str, measure) -> list[float]:
         """Condition a's measure over condition b's, repeat by repeat (runs seconds apart)."""
         return [measure(x) / measure(y) for x, y in zip(times[(m, a)], times[(m, b)])]
