@@ -27,7 +27,7 @@ FROM base AS worker
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
-# a C compiler for the fused statistics kernel (src/fused.c); without one the slower torch path runs
+# a C compiler for the fused statistics kernel (src/stats/fused.c); without one the slower torch path runs
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY src ./src

@@ -40,7 +40,7 @@ test-fast: install ## the test suite without the slow subprocess tiers
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 ui: install ## the MLflow UI on mlflow.db (or $MLFLOW_TRACKING_URI), opened on the runs table
-	$(PY) -m src.ui $(ARGS)
+	$(PY) -m src.tracking.ui $(ARGS)
 
 bench: install ## per-step overhead of the statistics vs stats=off and vs Lightning's own logging (~6 min)
 	$(PY) benchmarks/overhead.py $(ARGS)
@@ -49,16 +49,16 @@ sweep: install ## the activation x init x depth grid with SWEEP_WORKERS local wo
 	$(PY) -m src.train -m $(SWEEP_ARGS) hydra.sweeper.n_jobs=$(SWEEP_WORKERS)
 
 sweep-status: install ## progress of the sweep's study (same SWEEP_STORAGE / ARGS as make sweep)
-	$(PY) -m src.sweeper status $(SWEEP_ARGS)
+	$(PY) -m src.sweeps status $(SWEEP_ARGS)
 
 sweep-report: install ## (re)write the sweep report and attach it to the study's MLflow parent run
-	$(PY) -m src.sweeper report $(SWEEP_ARGS)
+	$(PY) -m src.sweeps report $(SWEEP_ARGS)
 
 sweep-requeue: install ## queue the points that failed in every trial again (then make sweep runs them)
-	$(PY) -m src.sweeper requeue $(SWEEP_ARGS)
+	$(PY) -m src.sweeps requeue $(SWEEP_ARGS)
 
 dashboard: install ## optuna-dashboard on the sweep's storage (DASHBOARD_PORT, default 8080)
-	$(PY) -m src.sweeper dashboard $(SWEEP_ARGS)
+	$(PY) -m src.sweeps dashboard $(SWEEP_ARGS)
 
 WORKERS ?= 0
 COMPOSE := docker compose

@@ -1,7 +1,7 @@
 """Per-step cost of the gradient statistics, measured side by side in one process.
 
     python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu] [--threads N] [--no-slow-server]
-                                  [--torch-path] [--mlflow-every N]
+                                  [--torch-path] [--mlflow-every N] [--models small,mid,wide] [--docs]
 
 For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times, the
 order reversed on every other repeat (off, stats, ... then ..., stats, off) so that a machine slowing down
@@ -23,9 +23,9 @@ timed steps plus that wait: a writer that fell behind during training shows ther
              in on_before_optimizer_step, MLFlowLogger on a SQLite store, log_every_n_steps=1
   slow_server  (10x64) `stats`, but MLflow is a real `mlflow server` behind a proxy that holds every
              request 0.2 s: the training thread must not wait on it (slow_server_ratio = slow_server / stats)
-The last lines are machine-readable: overhead_ratio_small (10x64), overhead_ratio (20x256),
-overhead_ratio_wide (5x1024) (and each one's `_cpu` and `_total` variants), slow_server_ratio and
-vs_lightning_ratio (lightning / stats, 10x64).
+The last lines are machine-readable: overhead_ratio_small (10x64), overhead_ratio (20x256), overhead_ratio_wide
+(5x1024) (and each one's `_cpu` and `_total` variants), slow_server_ratio and vs_lightning_ratio (lightning /
+stats, 10x64). `--docs` also writes the table and those lines into docs/performance.md.
 """
 from __future__ import annotations
 
@@ -51,10 +51,16 @@ from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from src import fused, tracking  # noqa: E402
-from src.callback import GradientStatsCallback  # noqa: E402
-from src.model import Classifier, build_mlp  # noqa: E402
+from src.callbacks.gradient_stats import GradientStatsCallback  # noqa: E402
+from src.models.mlp import build_mlp  # noqa: E402
+from src.models.modules import Classifier  # noqa: E402
+from src.stats import fused  # noqa: E402
+from src.tracking.logger import MlflowAsyncLogger  # noqa: E402
+from src.tracking.store import client as mlflow_client, ensure_experiment  # noqa: E402
+from src.tracking.writer import AsyncRunWriter  # noqa: E402
 from tests.conftest import SlowProxy, free_port  # noqa: E402
+
+import perf_page  # noqa: E402  (benchmarks/perf_page.py)
 
 MODELS = {"small": (10, 64, "sigmoid"), "mid": (20, 256, "relu"), "wide": (5, 1024, "relu")}
 # the product's default MLflow snapshot cadence for the per-layer statistics
@@ -101,7 +107,7 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
     torch.manual_seed(0)
     x, y = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
     data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    net = build_mlp(64, 10, [width] * depth, act, "xavier_uniform")
+    net = build_mlp(64, 10, activation=act, init="xavier_uniform", depth=depth, width=width)
     cls = LightningWay if condition == "lightning" else Classifier
     module = cls(net, "sgd", {"lr": 0.01})
     timer = StepTimer()
@@ -111,11 +117,11 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
         logger = MLFlowLogger(experiment_name="bench-lightning", tracking_uri=uri)
         log_every = 1
     else:
-        client = tracking.client(uri)
-        exp = tracking.ensure_experiment(client, "bench", uri)
+        client = mlflow_client(uri)
+        exp = ensure_experiment(client, "bench", uri)
         run = client.create_run(exp, run_name=f"{model}-{condition}").info.run_id
-        writer = tracking.AsyncRunWriter(client, run, spool_dir=workdir)
-        logger = tracking.MlflowAsyncLogger(writer, "bench")
+        writer = AsyncRunWriter(client, run, spool_dir=workdir)
+        logger = MlflowAsyncLogger(writer, "bench")
         log_every = 10
         if condition in ("stats", "slow_server", "stats_torch") or condition.startswith("stats_every"):
             every = int(condition[len("stats_every"):]) if condition.startswith("stats_every") else MLFLOW_EVERY
@@ -178,8 +184,8 @@ def ingest(uri: str, n_requests: int = 20) -> tuple[float, float]:
     sustains when a training loop hands it one step's browsable metrics (14 stats x 11 layers) at a time."""
     from mlflow.entities import Metric
 
-    client = tracking.client(uri)
-    exp = tracking.ensure_experiment(client, "bench-ingest", uri)
+    client = mlflow_client(uri)
+    exp = ensure_experiment(client, "bench-ingest", uri)
     run = client.create_run(exp).info.run_id
     t0 = time.perf_counter()
     for r in range(n_requests):
@@ -187,7 +193,7 @@ def ingest(uri: str, n_requests: int = 20) -> tuple[float, float]:
         client.log_batch(run, metrics=[Metric(f"m/layer_{i:04d}", float(i), ts, r) for i in range(1000)])
     backend = n_requests * 1000 / (time.perf_counter() - t0)
     run = client.create_run(exp).info.run_id
-    writer = tracking.AsyncRunWriter(client, run)
+    writer = AsyncRunWriter(client, run)
     per_step = {f"s{j:02d}/layer_{i:02d}": 1.0 for j in range(14) for i in range(11)}
     steps = n_requests * 1000 // len(per_step)
     t0 = time.perf_counter()
@@ -210,6 +216,7 @@ def main() -> None:
     ap.add_argument("--torch-path", action="store_true", help="also time the statistics without the C kernel")
     ap.add_argument("--mlflow-every", type=int, default=0,
                     help="also time the statistics with an MLflow snapshot every N steps")
+    ap.add_argument("--docs", action="store_true", help="also write the table into docs/performance.md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,7 +232,7 @@ def main() -> None:
     times = {(m, c): [] for m in models for c in conds[m]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, batch 32, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats; statistics kernel: "
-          f"{'fused C (src/fused.c)' if fused.library() else 'none, torch ops'}", flush=True)
+          f"{'fused C (src/stats/fused.c)' if fused.library() else 'none, torch ops'}", flush=True)
     with slow_server(workdir) if slow else contextlib.nullcontext() as slow_uri:
         for r in range(args.repeats):
             for m in models:
@@ -254,37 +261,36 @@ def main() -> None:
         """Median over repeats of condition a's time per step over condition b's, in the same repeat."""
         return statistics.median(per_repeat(m, a, b, measure))
 
-    print(f"\n{'model':<18}{'condition':<16}{'ms/step':>9}{'vs off':>8}{'min-max ms':>16}{'cpu ms':>9}{'vs off':>8}"
-          f"{'drain s':>9}{'total vs off':>14}{'paired':>8}{'range':>12}")
+    table = ["| model | condition | ms/step | vs off | min-max ms | cpu ms | cpu vs off | drain s | total vs off "
+             "| paired vs off | paired range |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (m, c), t in med.items():
         depth, width, act = MODELS[m]
         lo, hi = spread[(m, c)]
-        print(f"{f'{depth}x{width} {act}':<18}{c:<16}{t * 1e3:>9.2f}{t / med[(m, 'off')]:>7.2f}x"
-              f"{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>16}{cpu[(m, c)] * 1e3:>9.2f}{cpu[(m, c)] / cpu[(m, 'off')]:>7.2f}x"
-              f"{drain[(m, c)]:>9.2f}{total[(m, c)] / total[(m, 'off')]:>13.2f}x{pmed[(m, c)][0]:>7.2f}x"
-              f"{f'{min(paired[(m, c)]):.2f}-{max(paired[(m, c)]):.2f}':>12}")
+        table.append(f"| {depth}x{width} {act} | {c} | {t * 1e3:.2f} | {t / med[(m, 'off')]:.2f}x | "
+                     f"{lo * 1e3:.1f}-{hi * 1e3:.1f} | {cpu[(m, c)] * 1e3:.2f} | {cpu[(m, c)] / cpu[(m, 'off')]:.2f}x | "
+                     f"{drain[(m, c)]:.2f} | {total[(m, c)] / total[(m, 'off')]:.2f}x | {pmed[(m, c)][0]:.2f}x | "
+                     f"{min(paired[(m, c)]):.2f}-{max(paired[(m, c)]):.2f} |")
+    print("\n" + "\n".join(table) + "\n")
     names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
-    print()
-    for m in models:
-        print(f"{names[m]}_cpu={pmed[(m, 'stats')][1]:.3f}")
-    for m in models:
-        print(f"{names[m]}_total={pmed[(m, 'stats')][2]:.3f}")
-    for m in models:
-        print(f"{names[m]}={pmed[(m, 'stats')][0]:.3f}")
+    summary = [f"{names[m]}_cpu={pmed[(m, 'stats')][1]:.3f}" for m in models]
+    summary += [f"{names[m]}_total={pmed[(m, 'stats')][2]:.3f}" for m in models]
+    summary += [f"{names[m]}={pmed[(m, 'stats')][0]:.3f}" for m in models]
     if args.torch_path:
-        for m in models:
-            print(f"{names[m]}_torch_path={pmed[(m, 'stats_torch')][0]:.3f}")
+        summary += [f"{names[m]}_torch_path={pmed[(m, 'stats_torch')][0]:.3f}" for m in models]
     if args.mlflow_every:
-        for m in models:
-            print(f"{names[m]}_mlflow_every_{args.mlflow_every}={pmed[(m, f'stats_every{args.mlflow_every}')][0]:.3f}")
+        summary += [f"{names[m]}_mlflow_every_{args.mlflow_every}="
+                    f"{pmed[(m, f'stats_every{args.mlflow_every}')][0]:.3f}" for m in models]
     backend, ours = ingest(uri)
-    print(f"\ningest: log_batch(1000) direct {backend:,.0f} metrics/s, AsyncRunWriter sustained {ours:,.0f} metrics/s")
-    print(f"ingest_ratio={ours / backend:.2f}")
+    summary += [f"ingest: log_batch(1000) direct {backend:,.0f} metrics/s, AsyncRunWriter sustained {ours:,.0f} "
+                f"metrics/s", f"ingest_ratio={ours / backend:.2f}"]
     if slow:  # wall time: waiting on the network would show there, not in CPU time
-        print(f"slow_server_ratio={between('small', 'slow_server', 'stats'):.3f}")
+        summary.append(f"slow_server_ratio={between('small', 'slow_server', 'stats'):.3f}")
     if "small" in models:
-        print(f"vs_lightning_ratio_cpu={between('small', 'lightning', 'stats', thread):.2f}")
-        print(f"vs_lightning_ratio={between('small', 'lightning', 'stats'):.2f}")
+        summary.append(f"vs_lightning_ratio_cpu={between('small', 'lightning', 'stats', thread):.2f}")
+        summary.append(f"vs_lightning_ratio={between('small', 'lightning', 'stats'):.2f}")
+    print("\n".join(summary))
+    if args.docs:
+        perf_page.write("overhead", table + ["", "```", *summary, "```"])
 
 
 if __name__ == "__main__":

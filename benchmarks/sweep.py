@@ -1,6 +1,6 @@
 """Sweep throughput: one worker against two on the same grid, and the per-trial overhead.
 
-    python benchmarks/sweep.py [--epochs 10] [--repeats 1] [--grid 8|18]
+    python benchmarks/sweep.py [--epochs 10] [--repeats 1] [--grid 8|18] [--docs]
 
 `--grid 8` (the default) is activation=sigmoid,relu x init=xavier,he x model.depth=2,4; `--grid 18` is the
 grid `make sweep` runs (conf/hparams_search/grid.yaml's own axes, 3 x 2 x 3). The sweeps run back to back in
@@ -14,7 +14,8 @@ is a trial's wall time (claim to result, as Optuna records it) minus the time it
 A command splits into its start-up (command start to the first claim: imports, stores, queueing), the grid
 phase (first claim to last result) and the report (last result to exit). Last lines: `workers_2_vs_1=<ratio>`
 (whole commands, against the default one-worker run), `workers_2_vs_1_thread=<ratio>` (against the
-one-thread run), `grid_phase_2_vs_1=<ratio>` and `trial_overhead_s=<seconds>`.
+one-thread run), `grid_phase_2_vs_1=<ratio>` and `trial_overhead_s=<seconds>`. `--docs` also writes the
+table and those lines into docs/performance.md.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from src import sweep  # noqa: E402
+
+import perf_page  # noqa: E402  (benchmarks/perf_page.py)
+from src.sweeps.storage import open_storage  # noqa: E402
 
 # the grids' axis overrides: 8 points, or none (the config's own 18)
 GRIDS = {8: ["activation=sigmoid,relu", "init=xavier,he", "model.depth=2,4"], 18: []}
@@ -61,7 +64,7 @@ def run_sweep(tmp: Path, grid: list[str], workers: int, epochs: int, threads: in
     subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    study = optuna.load_study(study_name="gradflow-grid", storage=sweep.open_storage(storage))
+    study = optuna.load_study(study_name="gradflow-grid", storage=open_storage(storage))
     client = MlflowClient(uri)
     overheads, fits, artifacts = [], [], []
     trials = study.get_trials()
@@ -85,6 +88,7 @@ def main() -> None:
                     help="8: the 2 x 2 x 2 grid; 18: the default grid of make sweep")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the three sweeps this many times, in reversed order every other time")
+    ap.add_argument("--docs", action="store_true", help="also write the table into docs/performance.md")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
@@ -99,15 +103,15 @@ def main() -> None:
                 print(f"repeat {r + 1}/{args.repeats}: {name} worker(s) took {runs[name][-1].wall:.1f} s",
                       file=sys.stderr, flush=True)
     med = statistics.median
-    print(f"{args.grid}-point grid, {args.epochs} epochs on digits, {os.cpu_count()} cores, "
-          f"{args.repeats} repeat(s); medians over repeats")
-    print(f"{'workers':>14} {'wall s':>7} {'start-up s':>11} {'grid s':>7} {'report s':>9} {'fit s/trial':>12} "
-          f"{'artifacts s/trial':>18} {'overhead s/trial':>17}")
+    lines = [f"{args.grid}-point grid, {args.epochs} epochs on digits, {args.repeats} repeat(s); medians over "
+             "repeats.", "", "| workers | wall s | start-up s | grid s | report s | fit s/trial | artifacts s/trial "
+             "| overhead s/trial |", "|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
-        print(f"{name:>14} {med(r.wall for r in rs):7.1f} {med(r.startup for r in rs):11.1f} "
-              f"{med(r.grid for r in rs):7.1f} {med(r.end for r in rs):9.1f} "
-              f"{med(statistics.mean(r.fits) for r in rs):12.2f} {med(statistics.mean(r.artifacts) for r in rs):18.2f} "
-              f"{med(statistics.median(r.overheads) for r in rs):17.2f}")
+        lines.append(f"| {name} | {med(r.wall for r in rs):.1f} | {med(r.startup for r in rs):.1f} | "
+                     f"{med(r.grid for r in rs):.1f} | {med(r.end for r in rs):.1f} | "
+                     f"{med(statistics.mean(r.fits) for r in rs):.2f} | {med(statistics.mean(r.artifacts) for r in rs):.2f} | "
+                     f"{med(statistics.median(r.overheads) for r in rs):.2f} |")
+    print("\n".join(lines) + "\n")
 
     def paired(a: str, b: str, field: str = "wall") -> tuple[float, float, float]:
         """Median, min and max over repeats of a's time over b's in the same repeat."""
@@ -115,15 +119,18 @@ def main() -> None:
         return med(ratios), min(ratios), max(ratios)
 
     over = [o for r in runs["1 (all cores)"] for o in r.overheads]
-    print(f"per-trial overhead (trial wall - fit - artifacts), 1 worker: median {med(over):.2f} s, "
-          f"max {max(over):.2f} s")
+    summary = [f"per-trial overhead (trial wall - fit - artifacts), 1 worker: median {med(over):.2f} s, "
+               f"max {max(over):.2f} s"]
     for key, (a, b, field) in {"workers_2_vs_1": ("2", "1 (all cores)", "wall"),
                                "workers_2_vs_1_thread": ("2", "1 (1 thread)", "wall"),
                                "grid_phase_2_vs_1": ("2", "1 (all cores)", "grid")}.items():
         mid, lo, hi = paired(a, b, field)
-        print(f"{key}={mid:.3f}" + (f"  (repeats: {lo:.3f}-{hi:.3f})" if args.repeats > 1 else ""))
-    print(f"trial_overhead_s={med(over):.3f}")
-    print(f"trial_artifacts_s={med(a for r in runs['1 (all cores)'] for a in r.artifacts):.3f}")
+        summary.append(f"{key}={mid:.3f}" + (f"  (repeats: {lo:.3f}-{hi:.3f})" if args.repeats > 1 else ""))
+    summary.append(f"trial_overhead_s={med(over):.3f}")
+    summary.append(f"trial_artifacts_s={med(a for r in runs['1 (all cores)'] for a in r.artifacts):.3f}")
+    print("\n".join(summary))
+    if args.docs:
+        perf_page.write(f"sweep-{args.grid}", lines + ["", "```", *summary, "```"])
 
 
 if __name__ == "__main__":

@@ -1,168 +1,11 @@
-"""Gradient check: `python -m src.gradcheck [overrides]` compares autograd with central differences.
-
-Builds the configured model (same registry, same `build_mlp`, same data) in float64 and, for a random sample
-of the weights and biases of every Linear layer, compares autograd's dL/dw with (L(w+h) - L(w-h)) / 2h.
-Prints one row per parameter tensor and the maximum relative error |a - n| / max(|a|, |n|); exits 1 above
-`gradcheck.tol`, 2 on a bad config.
-
-Why not torch.autograd.gradcheck alone: it perturbs every entry of its inputs (a full Jacobian, too slow for
-MNIST-wide layers), judges with |a - n| <= atol + rtol |n| rather than the relative error users compare with
-the usual thresholds, and cannot skip entries whose perturbation crosses a kink. We still use it where it
-fits: `torch_check` runs it on the sampled entries as a second opinion (and the tests use it).
-
-Kinks: relu, leaky_relu and selu have a derivative that jumps at 0; a difference quotient whose two
-evaluations put some unit on different sides of 0 measures neither one-sided derivative. Such entries are
-detected (the sign pattern of every kinked activation's input differs between w+h and w-h) and skipped.
-Tiny gradients: the difference quotient carries a round-off error of about 1e-15 |L| / h, so a gradient of
-1e-9 (a vanishing net's first layers) cannot be resolved to 1e-6 relative: such entries are judged against
-that round-off instead (see `check`); a wrong backward still fails there, by orders of magnitude.
-"""
+"""Entry point: `python -m src.gradcheck [overrides]`: autograd against central differences on the configured
+model (src.analysis.gradcheck). Exits 1 above gradcheck.tol, 2 on a bad config."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from src import registry
-
-# Relative round-off of a float64 loss (~5 ulps; measured: the difference quotients of a depth-10 net on
-# digits carry 4e-11..1e-9 absolute error at h=1e-5, L~3, i.e. ~1e-15 |L| / h).
-ROUND_OFF = 1e-15
-
-
-def kinked(act: registry.Activation) -> bool:
-    """True when f' jumps at 0 (relu, leaky_relu, selu), judged from the registry's own derivative."""
-    s = torch.tensor([-1e-9, 1e-9], dtype=torch.float64)
-    d = act.derivative(s)
-    return bool(abs(d[1] - d[0]) > 1e-6)
-
-
-@dataclass
-class LayerCheck:
-    layer: int
-    param: str             # "weight" or "bias"
-    checked: int
-    skipped: int           # entries whose perturbation crossed a kink
-    max_abs_grad: float
-    max_rel_error: float
-
-
-def check(net: nn.Module, x: Tensor, y: Tensor, samples: int = 20, eps: float = 1e-5, tol: float = 1e-6,
-          seed: int = 0, loss_fn=F.cross_entropy) -> list[LayerCheck]:
-    """Compare autograd with central differences on `samples` random entries of every Linear layer's weight
-    and bias. `net` is converted to float64 in place.
-
-    The error of one entry is |a - n| / max(|a|, |n|, noise / tol), noise = ROUND_OFF |L| / eps being the
-    difference quotient's own round-off: large gradients are judged relatively, gradients too small to be
-    resolved to `tol` (below ~3e-4 for L=3) absolutely (|a - n| must stay within the round-off)."""
-    net = net.double()
-    x = x.double()
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("gradcheck: the model has no nn.Linear layer")
-    kinks = [m for m in net.modules() if type(m) in registry.ACTIVATION_BY_TYPE
-             and kinked(registry.ACTIVATION_BY_TYPE[type(m)])]
-    signs: list[Tensor] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: signs.append(inp[0] > 0)) for m in kinks]
-
-    def loss() -> float:
-        signs.clear()
-        with torch.no_grad():
-            return float(loss_fn(net(x), y))
-
-    try:
-        params = [p for m in linears for p in (m.weight, m.bias) if p is not None]
-        net.zero_grad()
-        out = loss_fn(net(x), y)
-        analytic = torch.autograd.grad(out, params)
-        floor = ROUND_OFF * max(abs(float(out.detach())), 1e-300) / eps / tol
-        gen = torch.Generator().manual_seed(seed)
-        results, k = [], 0
-        for i, m in enumerate(linears):
-            for name in ("weight", "bias"):
-                p = getattr(m, name)
-                if p is None:
-                    continue
-                a_all = analytic[k].reshape(-1)
-                k += 1
-                flat = p.data.view(-1)
-                idx = torch.randperm(flat.numel(), generator=gen)[:samples]
-                errs, skipped, amax = [], 0, 0.0
-                for j in idx.tolist():
-                    old = flat[j].item()
-                    flat[j] = old + eps
-                    plus, s_plus = loss(), list(signs)
-                    flat[j] = old - eps
-                    minus, s_minus = loss(), list(signs)
-                    flat[j] = old
-                    if any(bool((u != v).any()) for u, v in zip(s_plus, s_minus)):
-                        skipped += 1
-                        continue
-                    n = (plus - minus) / (2 * eps)
-                    a = float(a_all[j])
-                    amax = max(amax, abs(a))
-                    errs.append(abs(a - n) / max(abs(a), abs(n), floor))
-                results.append(LayerCheck(i, name, len(errs), skipped, amax, max(errs, default=0.0)))
-        return results
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def torch_check(net: nn.Module, x: Tensor, y: Tensor, layer: int, entries: Tensor, eps: float = 1e-5,
-                atol: float = 1e-8, rtol: float = 1e-5, loss_fn=F.cross_entropy) -> bool:
-    """torch.autograd.gradcheck of the loss as a function of a few entries of one layer's weight."""
-    net = net.double()
-    lin = [m for m in net.modules() if isinstance(m, nn.Linear)][layer]
-    w0 = lin.weight.detach().clone()
-
-    def f(v: Tensor) -> Tensor:
-        w = w0.reshape(-1).index_put((entries,), v).view_as(w0)
-        return loss_fn(_with_weight(net, lin, w, x.double()), y)
-
-    v = w0.reshape(-1)[entries].clone().requires_grad_(True)
-    return torch.autograd.gradcheck(f, (v,), eps=eps, atol=atol, rtol=rtol, raise_exception=False)
-
-
-def _with_weight(net: nn.Module, lin: nn.Linear, w: Tensor, x: Tensor) -> Tensor:
-    name = next(n for n, m in net.named_modules() if m is lin)
-    return torch.func.functional_call(net, {f"{name}.weight": w}, (x,), strict=False)
-
-
-def table(results: list[LayerCheck], tol: float) -> str:
-    rows = [f"{'layer':>5} {'param':<6} {'checked':>7} {'kinks':>5} {'max |grad|':>11} {'max rel err':>11}  ok"]
-    for r in results:
-        ok = "yes" if r.max_rel_error <= tol else "NO"
-        rows.append(f"{r.layer:>5} {r.param:<6} {r.checked:>7} {r.skipped:>5} {r.max_abs_grad:>11.3e} "
-                    f"{r.max_rel_error:>11.3e}  {ok}")
-    return "\n".join(rows)
-
-
-def exit_code(results: list[LayerCheck], tol: float) -> int:
-    """0 when every checked entry is within `tol`, else 1."""
-    return 0 if max((r.max_rel_error for r in results), default=0.0) <= tol else 1
-
-
-def run(cfg) -> tuple[list[LayerCheck], float]:
-    """Build the configured model and data batch, check them; returns the rows and the max relative error."""
-    from src.data import ArrayDataModule
-    from src.model import build_mlp
-    from src.train import _plain
-
-    torch.manual_seed(cfg.seed)
-    data = ArrayDataModule(**_plain(cfg.data), seed=cfg.seed)
-    widths = list(cfg.model.widths) if cfg.model.widths else [cfg.model.width] * cfg.model.depth
-    net = build_mlp(data.in_dim, data.n_classes, widths,
-                    activation=cfg.activation.name, activation_params=_plain(cfg.activation, drop=("name",)),
-                    init=cfg.init.name, init_params=_plain(cfg.init, drop=("name",)))
-    x, y = data.train_set.tensors
-    n = cfg.gradcheck.batch
-    results = check(net, x[:n], y[:n], cfg.gradcheck.samples, cfg.gradcheck.eps, cfg.gradcheck.tol, cfg.seed)
-    return results, max((r.max_rel_error for r in results), default=0.0)
+from src.analysis import gradcheck
 
 
 def main(argv: list[str]) -> int:
@@ -170,24 +13,24 @@ def main(argv: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from src import validate
-    from src.data import DataFilesMissing
+    from src.config import validate
+    from src.data.datasets import DataFilesMissing
 
     try:
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
             cfg = compose(config_name="gradcheck", overrides=argv)
         validate.check(cfg)
-        results, worst = run(cfg)
+        results, worst = gradcheck.run(cfg)
     except (HydraException, OmegaConfBaseException, validate.ConfigError, DataFilesMissing) as e:
         print("config error:\n  " + str(e).replace("\n", "\n  "), file=sys.stderr)
         return 2
     tol = cfg.gradcheck.tol
-    print(table(results, tol))
+    print(gradcheck.table(results, tol))
     skipped = sum(r.skipped for r in results)
     note = f" ({skipped} entries skipped: their perturbation crossed a kink)" if skipped else ""
     verdict = "PASS" if worst <= tol else "FAIL"
     print(f"{verdict}: max relative error {worst:.3e} (tolerance {tol:.1e}, eps {cfg.gradcheck.eps:.0e}, float64){note}")
-    return exit_code(results, tol)
+    return gradcheck.exit_code(results, tol)
 
 
 if __name__ == "__main__":

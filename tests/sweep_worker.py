@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import time
 
-from src import sweep
+from src.sweeps.leases import Outcome, Policy
+from src.sweeps.loop import work
+from src.sweeps.space import grid_points, parse_space
+from src.sweeps.storage import open_storage
+from src.sweeps.study import enqueue_grid, load_or_create, requeue_failed
 
-FAST = sweep.Policy(max_retries=2, heartbeat_interval=0.1, grace_period=2.0, poll_interval=0.05)
+FAST = Policy(max_retries=2, heartbeat_interval=0.1, grace_period=2.0, poll_interval=0.05)
 
 
 def grid_worker(url: str, name: str, space_cfg: dict, out, start, delay: float) -> None:
     """Join the study, wait until every worker is ready (so the election and the claims really race),
     enqueue the grid, run trials; report how many this worker ran."""
-    space, _ = sweep.parse_space(space_cfg, [])
-    study = sweep.load_or_create(sweep.open_storage(url), name, "maximize")
+    space, _ = parse_space(space_cfg, [])
+    study = load_or_create(open_storage(url), name, "maximize")
     start.wait(timeout=300)
-    sweep.enqueue_grid(study, sweep.grid_points(space))
+    enqueue_grid(study, grid_points(space))
 
     def run(trial, params):
         time.sleep(delay)
-        return sweep.Outcome(value=float(params["a"] * 10 + params["b"]))
+        return Outcome(value=float(params["a"] * 10 + params["b"]))
 
-    out.put(sweep.work(study, space, FAST, grid=True, run=run))
+    out.put(work(study, space, FAST, grid=True, run=run))
 
 
 def requeue_worker(url: str, name: str, out, start) -> None:
     """Wait until every process is ready, then ask for the failed points to be queued again at once."""
-    study = sweep.load_or_create(sweep.open_storage(url), name, "maximize")
+    study = load_or_create(open_storage(url), name, "maximize")
     start.wait(timeout=300)
-    out.put(len(sweep.requeue_failed(study, settle=0.0)))
+    out.put(len(requeue_failed(study, settle=0.0)))

@@ -10,11 +10,12 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from src import callback, fused
-from src.callback import GradientStatsCallback
-from src.registry import ACTIVATION_BY_TYPE, ACTIVATIONS
-from src.stats import LAYER_STATS
-from src.trace import read_trace
+from src.callbacks import activations, recorders
+from src.stats import fused
+from src.callbacks.gradient_stats import GradientStatsCallback
+from src.models.registry import ACTIVATION_BY_TYPE, ACTIVATIONS
+from src.stats.names import LAYER_STATS
+from src.stats.trace import read_trace
 from tests import reference_stats as ref
 
 
@@ -59,7 +60,7 @@ X = np.array([[1.0, 2.0], [-1.0, 0.5], [3.0, -2.0]])
 Y = np.array([[1.0], [0.0], [2.0]])
 
 
-def hand_backprop():
+def hand_backprop(X=X):
     W1, b1 = np.array([[0.5, -1.0], [2.0, 0.25]]), np.array([0.1, -0.2])
     W2, b2 = np.array([[1.5, -0.5]]), np.array([0.3])
     s1 = X @ W1.T + b1
@@ -68,7 +69,8 @@ def hand_backprop():
     d2 = 2 * (s2 - Y) / len(X)            # dL/ds2
     dW2 = d2.T @ a
     d1 = (d2 @ W2) * a * (1 - a)          # dL/ds1
-    dW1 = d1.T @ X
+    with np.errstate(invalid="ignore"):  # 0 * inf = NaN, on purpose in the poisoned-input test
+        dW1 = d1.T @ X
     return dict(W1=W1, W2=W2, a=a, s1=s1, d1=d1, d2=d2, dW1=dW1, dW2=dW2)
 
 
@@ -130,21 +132,32 @@ def use_path(monkeypatch, path: str) -> None:
     else:
         monkeypatch.setattr(fused, "library", lambda: None)
     if path == "per_tensor":
-        monkeypatch.setattr(callback, "STACK_MAX_NUMEL", 0)
+        monkeypatch.setattr(recorders, "STACK_MAX_NUMEL", 0)
 
 
 @pytest.mark.parametrize("path", ["fused", "stacked", "per_tensor"])
 def test_non_finite_gradients_are_counted_not_dropped(tmp_path, monkeypatch, path):
+    """One poisoned input x[0, 0] = inf: s1's first row is +inf, sigmoid'(inf) = 0 stops the signal there,
+    and dW1 = d1^T x has 0 * inf = NaN in its first column: exactly 2 NaN entries, no exact zero among the
+    other two, and the second layer's gradient finite; all as the hand-written back-propagation says."""
     use_path(monkeypatch, path)
     x = X.copy()
-    x[0, 0] = np.inf  # one poisoned input: NaN/Inf in the first layer's weight gradient
+    x[0, 0] = np.inf
     logger, cb = fit(tmp_path, x=x)
-    assert cb.path == path
+    assert cb.params.name == path
     [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
-    assert m["grad_nonfinite/layer_00"] > 0
+    h = hand_backprop(x)
+    assert np.isnan(h["dW1"]).sum() == 2 and np.isfinite(h["dW2"]).all()  # the hand computation agrees
+    assert m["grad_nonfinite/layer_00"] == 2
     assert np.isnan(m["grad_norm/layer_00"])
-    assert 0.0 <= m["grad_zero_frac/layer_00"] <= 1.0  # still counted exactly
-    assert read_trace(cb.trace_path)["grad_nonfinite"][0, 0] == m["grad_nonfinite/layer_00"]
+    assert m["grad_zero_frac/layer_00"] == 0.0
+    assert m["grad_nonfinite/layer_01"] == 0 and m["grad_zero_frac/layer_01"] == 0.0
+    assert m["grad_norm/layer_01"] == pytest.approx(np.linalg.norm(h["dW2"]), rel=1e-5)
+    assert m["grad_mean/layer_01"] == pytest.approx(h["dW2"].mean(), rel=1e-5)
+    assert m["grad_absmax/layer_01"] == pytest.approx(np.abs(h["dW2"]).max(), rel=1e-5)
+    assert m["backprop_norm/layer_00"] == pytest.approx(np.linalg.norm(h["d1"]), rel=1e-5)  # finite: row 0 is 0
+    assert m["act_mean/layer_00"] == pytest.approx(h["a"].mean(), rel=1e-5)
+    assert read_trace(cb.trace_path)["grad_nonfinite"][0].tolist() == [2.0, 0.0]
 
 
 def test_trace_holds_every_recorded_step(tmp_path):
@@ -174,7 +187,7 @@ def test_fails_loudly_without_linear_layers(tmp_path):
     cb = GradientStatsCallback()
     trainer = L.Trainer(max_steps=1, logger=False, callbacks=[cb], enable_progress_bar=False,
                         enable_checkpointing=False, accelerator="cpu")
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="GradientStatsCallback found no nn.Linear layer in NoLinear"):
         cb.setup(trainer, NoLinear(), "fit")
 
 
@@ -258,7 +271,7 @@ def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, m
     pieces)."""
     use_path(monkeypatch, path)
     if path == "per_tensor":
-        monkeypatch.setattr(callback, "ACT_CHUNK_NUMEL", 1)
+        monkeypatch.setattr(activations, "ACT_CHUNK_NUMEL", 1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(101, 4, generator=g) * 3, torch.randint(0, 3, (101,), generator=g)
     batches = [list(range(4))] + [list(range(i, min(i + 32, 101))) for i in range(0, 101, 32)] * 12
@@ -269,9 +282,9 @@ def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, m
     trainer = L.Trainer(max_steps=30, logger=logger, callbacks=[plain, cb], enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(MLP(act), data)
-    assert cb.path == path
+    assert cb.params.name == path
     # on the fused path the kernel reduces the activation outputs too, for the activations it knows
-    assert (cb._act_kernel is not None) == (path == "fused" and act != "gelu")
+    assert cb.activations.name == ("kernel" if path == "fused" and act != "gelu" else "buffered")
     trace = read_trace(cb.trace_path)
     assert trace["steps"].tolist() == list(range(0, 30, every))
     for j, stat in enumerate(LAYER_STATS):
@@ -306,7 +319,7 @@ def test_the_update_is_the_optimizer_step_when_the_weights_change_between_steps(
     trainer = L.Trainer(max_steps=12, logger=False, callbacks=[plain, cb], enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(ClampedMLP("relu"), data)
-    assert cb.path == path
+    assert cb.params.name == path
     trace = read_trace(cb.trace_path)
     j = LAYER_STATS.index("update_ratio")
     expected = np.stack([plain.rows[s][:, j] for s in trace["steps"]])
@@ -351,7 +364,7 @@ def test_the_path_is_chosen_for_the_model_as_trained(tmp_path):
     weights are float64 by the first step, so the statistics must not take the float32 kernel chosen from
     the weights as they were at setup (they would crash on the first step); they must still be right."""
     logger, cb = fit(tmp_path, precision="64-true")
-    assert cb.path == "stacked" and cb.linears[0].weight.dtype == torch.float64
+    assert cb.params.name == "stacked" and cb.layers[0].weight.dtype == torch.float64
     [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
     h = hand_backprop()
     for i, dW in enumerate((h["dW1"], h["dW2"])):

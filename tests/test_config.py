@@ -1,21 +1,24 @@
-"""Tier (a): every option of every config group composes, and what it names can be built."""
+"""Tier (a): every option of every config group composes, validates, and builds what it names, through the
+same config edge (src.config.build) as training."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from src import registry
-from src.callback import GradientStatsCallback
-from src.data import ArrayDataModule
-from src.model import Classifier, build_mlp
+from src.config import build, validate
+from src.models import registry
+from src.models.mlp import build_mlp
 from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+IN_DIM = {"digits": 64, "moons": 2, "circles": 2, "line": 1, "mnist": 784, "fashion_mnist": 784}
 
 
 def test_groups_are_the_documented_ones():
-    assert {"activation", "init", "data", "optimizer", "model", "trainer", "stats", "tracking"} <= set(GROUPS)
+    assert {"activation", "init", "data", "optimizer", "model", "trainer", "stats", "callbacks",
+            "tracking"} <= set(GROUPS)
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
     assert {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "softsign", "identity"} <= names["activation"]
     assert {"xavier", "xavier_normal", "he", "he_uniform", "lecun", "normal", "small_normal",
@@ -23,22 +26,57 @@ def test_groups_are_the_documented_ones():
     assert {"sgd", "momentum", "rmsprop", "adam"} <= names["optimizer"]
     assert {"digits", "moons", "circles", "mnist", "fashion_mnist"} <= names["data"]
     assert {"default", "off"} <= names["stats"]
+    assert {"default", "weight_change"} <= names["callbacks"]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_instantiates(group, option, compose_cfg, tiny_mnist):
+def test_option_composes_and_builds_what_it_names(group, option, compose_cfg, tiny_mnist):
     extra = [f"data.path={tiny_mnist}"] if "mnist" in option else []  # data=mnist*, experiment=mnist_*
     cfg = compose_cfg([f"{group}={option}", *extra])
-    data = ArrayDataModule(**{k: v for k, v in cfg.data.items()}, seed=cfg.seed)
-    net = build_mlp(data.in_dim, data.n_classes, [cfg.model.width] * cfg.model.depth,
-                    cfg.activation.name, cfg.init.name,
-                    {k: v for k, v in cfg.activation.items() if k != "name"},
-                    {k: v for k, v in cfg.init.items() if k != "name"})
-    module = Classifier(net, cfg.optimizer.name, {k: v for k, v in cfg.optimizer.items() if k != "name"})
-    assert isinstance(module.configure_optimizers(), torch.optim.Optimizer)
-    x, y = next(iter(data.train_dataloader()))
+    validate.check(cfg)
+    data = build.data_module(cfg)
+    net = build.network(cfg, data)
+    module = build.lightning_module(cfg, net, data)
+    # the data: its input size, and one output per class (or target)
+    assert data.in_dim == IN_DIM[cfg.data.name]
+    x, _ = next(iter(data.train_dataloader()))
     assert module(x).shape == (len(x), data.n_classes)
-    GradientStatsCallback(cfg.stats.every_n_steps, cfg.stats.log_every_n_steps, cfg.stats.saturation_threshold)
+    # the model: one Linear per hidden width and a head, each hidden one followed by the configured activation
+    # with the configured options
+    hidden = list(cfg.model.widths) if cfg.model.widths is not None else [cfg.model.width] * cfg.model.depth
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears[:-1]] == hidden and linears[-1].out_features == data.n_classes
+    kind = registry.ACTIVATIONS[cfg.activation.name].make
+    acts = [m for m in net.modules() if type(m) in registry.ACTIVATION_BY_TYPE][:len(hidden)]
+    assert len(acts) == len(hidden) and all(type(m) is kind for m in acts)
+    for key, value in build.option(cfg.activation)[1].items():
+        assert all(getattr(m, key) == value for m in acts), key
+    # the optimizer: the registry's class, with every configured argument
+    opt = module.configure_optimizers()
+    name, params = build.option(cfg.optimizer)
+    assert type(opt) is registry.OPTIMIZERS[name]
+    assert {k: opt.defaults[k] for k in params} == pytest.approx(params)
+    # the callbacks: one per node that is not null, of the class its _target_ names
+    built = build.callbacks(cfg)
+    targets = [node._target_ for node in cfg.callbacks.values() if node is not None]
+    assert [f"{type(c).__module__}.{type(c).__qualname__}" for c in built] == targets
+
+
+def test_stats_off_and_the_weight_change_variant_change_only_their_callbacks(compose_cfg):
+    names = lambda overrides: [type(c).__name__ for c in build.callbacks(compose_cfg(overrides))]  # noqa: E731
+    assert names([]) == ["GradientStatsCallback", "HistogramCallback", "StopOnNonFiniteLoss"]
+    assert names(["stats=off"]) == ["StopOnNonFiniteLoss"]
+    assert names(["callbacks=weight_change"]) == names([]) + ["WeightChangeCallback"]
+    assert names(["callbacks.nonfinite_guard=null", "callbacks.histograms=null"]) == ["GradientStatsCallback"]
+    cb = build.callbacks(compose_cfg(["stats.every_n_steps=5", "stats.log_every_n_steps=10",
+                                      "stats.saturation_threshold=0.1", "stats.histogram_every_n_steps=7"]))
+    assert (cb[0].every_n_steps, cb[0].log_every_n_steps, cb[0].threshold, cb[1].every_n_steps) == (5, 10, 0.1, 7)
+
+
+def test_a_callback_that_refuses_its_arguments_is_a_config_error(compose_cfg):
+    with pytest.raises(validate.ConfigError, match=r"callbacks.gradient_stats: stats.log_every_n_steps \(10\) must "
+                                                   r"be a multiple of stats.every_n_steps \(3\)"):
+        build.callbacks(compose_cfg(["stats.every_n_steps=3", "stats.log_every_n_steps=10"]))
 
 
 def test_per_layer_snapshots_have_their_own_cadence_and_presets_keep_the_seeds(compose_cfg):
@@ -77,7 +115,7 @@ def test_registry_derivatives_match_autograd(name):
 def test_init_variances(init, expected_var, compose_cfg):
     cfg = compose_cfg([f"init={init}"])
     torch.manual_seed(0)
-    net = build_mlp(400, 10, [300], "relu", cfg.init.name, None,
-                    {k: v for k, v in cfg.init.items() if k != "name"})
+    net = build_mlp(400, 10, widths=[300], activation="relu", init=cfg.init.name,
+                    init_params={k: v for k, v in cfg.init.items() if k != "name"})
     var = net[0].weight.var().item()
     assert var == pytest.approx(expected_var, rel=0.05)

@@ -9,23 +9,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from src import validate
-from src.callback import GradientStatsCallback
-from src.model import Classifier, Residual, build_mlp
-from src.stats import LAYER_STATS
-from src.trace import read_trace
+from src.config import validate
+from src.callbacks.gradient_stats import GradientStatsCallback
+from src.models.mlp import Residual, build_mlp
+from src.models.modules import Classifier
+from src.stats.names import LAYER_STATS
+from src.stats.trace import read_trace
 
 
 def test_norm_sits_between_linear_and_activation():
-    net = build_mlp(3, 2, [4, 4], "sigmoid", "xavier_uniform", norm="batch")
+    net = build_mlp(3, 2, widths=[4, 4], activation="sigmoid", init="xavier_uniform", norm="batch")
     kinds = [type(m).__name__ for m in net]
     assert kinds == ["Linear", "BatchNorm1d", "Sigmoid", "Linear", "BatchNorm1d", "Sigmoid", "Linear"]
-    net = build_mlp(3, 2, [4], "tanh", "xavier_uniform", norm="layer")
+    net = build_mlp(3, 2, widths=[4], activation="tanh", init="xavier_uniform", norm="layer")
     assert [type(m).__name__ for m in net] == ["Linear", "LayerNorm", "Tanh", "Linear"]
 
 
 def test_residual_only_where_widths_match():
-    net = build_mlp(3, 2, [4, 4, 6, 6], "relu", "kaiming_normal", residual=True)
+    net = build_mlp(3, 2, widths=[4, 4, 6, 6], activation="relu", init="kaiming_normal", residual=True)
     blocks = [m for m in net if isinstance(m, Residual)]
     assert len(blocks) == 2  # 4->4 and 6->6; the 3->4 and 4->6 blocks change width and get no skip
     assert sum(isinstance(m, nn.Linear) for m in net.modules()) == 5
@@ -34,7 +35,7 @@ def test_residual_only_where_widths_match():
 
 
 def test_no_hidden_layer_and_head_activation():
-    net = build_mlp(1, 1, [], "identity", "constant", head_activation="tanh")
+    net = build_mlp(1, 1, widths=[], activation="identity", init="constant", head_activation="tanh")
     assert [type(m).__name__ for m in net] == ["Linear", "Tanh"]
     assert net[0].weight.item() == 0.5
     assert torch.all(net(torch.randn(5, 1)).abs() < 1)
@@ -42,7 +43,7 @@ def test_no_hidden_layer_and_head_activation():
 
 def test_unknown_norm_fails_listing_valid():
     with pytest.raises(ValueError, match="none, batch, layer"):
-        build_mlp(3, 2, [4], "relu", "kaiming_normal", norm="group")
+        build_mlp(3, 2, widths=[4], activation="relu", init="kaiming_normal", norm="group")
 
 
 @pytest.mark.parametrize("norm,residual", [("batch", False), ("layer", True), ("none", True)])
@@ -51,7 +52,7 @@ def test_statistics_with_norm_and_residual_match_autograd(norm, residual, tmp_pa
     (before the norm); act_* describe the activation, fed by the norm's output."""
     torch.manual_seed(0)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
-    net = build_mlp(5, 3, [8, 8, 8], "tanh", "xavier_uniform", norm=norm, residual=residual)
+    net = build_mlp(5, 3, widths=[8, 8, 8], activation="tanh", init="xavier_uniform", norm=norm, residual=residual)
     # the same forward and backward by hand: keep each Linear's output and each activation's input
     outs, act_in = [], []
     def keep_out(m, i, o):  # a forward hook that returns None leaves the output alone
@@ -95,8 +96,8 @@ def _fit_one_step(net, clip):
 
 
 def test_gradient_clipping_bounds_the_step():
-    step = _fit_one_step(build_mlp(5, 3, [8, 8], "relu", "kaiming_normal"), None)
-    clipped = _fit_one_step(build_mlp(5, 3, [8, 8], "relu", "kaiming_normal"), 1e-3)
+    step = _fit_one_step(build_mlp(5, 3, widths=[8, 8], activation="relu", init="kaiming_normal"), None)
+    clipped = _fit_one_step(build_mlp(5, 3, widths=[8, 8], activation="relu", init="kaiming_normal"), 1e-3)
     assert step > 1e-2 and clipped <= 1e-3 * 1.001  # SGD lr 1: the step is the (clipped) gradient
 
 

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from src.data import ArrayDataModule, DataFilesMissing, load_arrays
+from src.data.datamodule import ArrayDataModule
+from src.data.datasets import DataFilesMissing, load_arrays
 
 
 @pytest.mark.parametrize("name,opts,in_dim,classes", [

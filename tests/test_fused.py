@@ -1,4 +1,4 @@
-"""The fused C pass (src/fused.c): its sums, turned into statistics, against the plain reference; NaN/Inf;
+"""The fused C pass (src/stats/fused.c): its sums, turned into statistics, against the plain reference; NaN/Inf;
 layer sizes that do not fill its blocks or vector lanes; building, caching and the fallback."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from src import fused, stats
+from src.stats import fused
+from src.stats import reductions as stats
 from tests import reference_stats as ref
 
 
@@ -122,13 +123,13 @@ def test_build_is_cached_and_disabled_or_missing_compiler_falls_back(tmp_path, m
 def test_activation_sums_give_the_reference_statistics(lib, name):
     """From the activation's output alone: mean, std and the saturated fraction where f'(s) < 5 % of max f',
     as the reference computes them from the pre-activation."""
-    from src.registry import ACTIVATIONS
+    from src.models.registry import ACTIVATIONS
 
     entry = ACTIVATIONS[name]
     g = torch.Generator().manual_seed(1)
     pres = [torch.randn(32, 300, generator=g) * 4, torch.randn(5, 7, generator=g) * 4 + 2]
     outs = [entry.make()(s) for s in pres]
-    kind = fused.ACT_KINDS[type(entry.make())]
+    kind = entry.kernel_kind  # the registry's number for fused.c's enum
     kernel = fused.ActivationPass(lib, [kind] * 3, [0.05 * entry.max_derivative] * 3)
     sums = torch.zeros(3, len(stats.FUSED_ACT_SUMS), dtype=torch.float64)
     kernel([*outs, None], sums)  # a layer whose activation did not run this step: no numbers made up
@@ -141,14 +142,13 @@ def test_activation_sums_give_the_reference_statistics(lib, name):
 
 
 def test_add_squares_accumulates_and_declines_other_dtypes(lib):
-    w = [torch.zeros(3), torch.zeros(2)]
-    p = fused.FusedPasses(lib, w)
+    add_squares = fused.SquareSums(lib, 2)
     row = torch.tensor([1.0, 0.0], dtype=torch.float64)
     big = torch.randn(40, 50).t()  # non-contiguous
-    assert p.add_squares([big, torch.tensor([3.0, float("inf")])], row)
+    assert add_squares([big, torch.tensor([3.0, float("inf")])], row)
     assert row[0].item() == pytest.approx(1 + big.double().square().sum().item(), rel=1e-6)
     assert row[1].item() == math.inf
-    assert not p.add_squares([torch.ones(3, dtype=torch.bfloat16), torch.ones(2)], row)  # left to torch
+    assert not add_squares([torch.ones(3, dtype=torch.bfloat16), torch.ones(2)], row)  # left to torch
 
 
 def test_big_layers_are_split_across_threads(lib, monkeypatch):

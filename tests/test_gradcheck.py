@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from src import gradcheck, registry
-from src.data import ArrayDataModule
-from src.model import build_mlp
+from src import gradcheck as gradcheck_cli
+from src.analysis import gradcheck
+from src.models import registry
+from src.data.datamodule import ArrayDataModule
+from src.models.mlp import build_mlp
 
 INIT_FOR = {"relu": "kaiming_normal", "leaky_relu": "kaiming_normal", "selu": "lecun_normal"}
 
@@ -21,7 +23,7 @@ def digits_batch():
 @pytest.mark.parametrize("activation", sorted(registry.ACTIVATIONS))
 def test_passes_for_every_activation(activation, digits_batch):
     torch.manual_seed(0)
-    net = build_mlp(64, 10, [24, 24, 24], activation, INIT_FOR.get(activation, "xavier_uniform"))
+    net = build_mlp(64, 10, widths=[24, 24, 24], activation=activation, init=INIT_FOR.get(activation, "xavier_uniform"))
     rows = gradcheck.check(net, *digits_batch, samples=15)
     assert len(rows) == 8 and all(r.checked + r.skipped == min(15, r_numel) for r, r_numel in
                                   zip(rows, [64 * 24, 24, 24 * 24, 24, 24 * 24, 24, 24 * 10, 10]))
@@ -78,12 +80,12 @@ def test_entries_whose_perturbation_crosses_a_relu_kink_are_skipped():
     first = [r for r in rows if r.layer == 0]
     assert sum(r.skipped for r in first) >= 1
     assert max(r.max_rel_error for r in rows) <= 1e-6
-    assert gradcheck.kinked(registry.ACTIVATIONS["relu"]) and not gradcheck.kinked(registry.ACTIVATIONS["tanh"])
+    assert registry.ACTIVATIONS["relu"].kinked and not registry.ACTIVATIONS["tanh"].kinked
 
 
 def test_cli_passes_on_a_configured_model_and_rejects_bad_config(capsys):
-    assert gradcheck.main(["activation=tanh", "model.depth=3", "model.width=16", "gradcheck.samples=5"]) == 0
+    assert gradcheck_cli.main(["activation=tanh", "model.depth=3", "model.width=16", "gradcheck.samples=5"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 10 and "PASS: max relative error" in out  # header + 8 rows + summary
-    assert gradcheck.main(["model.depth=0"]) == 2
+    assert gradcheck_cli.main(["model.depth=0"]) == 2
     assert "model.depth=0: must be an integer >= 1" in capsys.readouterr().err

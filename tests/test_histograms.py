@@ -7,9 +7,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from src import histograms, plots
-from src.histograms import EDGES, N_BINS, HistogramCallback, log10_histogram
-from src.model import Classifier
+from src.analysis import plots
+from src.callbacks.histograms import HistogramCallback
+from src.stats import histograms
+from src.stats.histograms import EDGES, N_BINS, log10_histogram
+from src.models.modules import Classifier
 
 
 def bin_of(log10: float) -> int:
@@ -33,12 +35,12 @@ def test_exact_counts_on_a_hand_made_tensor():
     assert h.sum() == t.numel()
 
 
-def _tiny_trainer(tmp_path, every: int, steps: int, probe=None):
+def _tiny_trainer(tmp_path, every: int, steps: int, probe=None, chunk_rows: int = 4096):
     torch.manual_seed(0)
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
     module = Classifier(net, "sgd", {"lr": 0.1})
-    cb = HistogramCallback(every, tmp_path / "trace" / "histograms.parquet")
+    cb = HistogramCallback(every, tmp_path / "trace" / "histograms.parquet", chunk_rows=chunk_rows)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False, callbacks=[cb, *([probe] if probe else [])],
                         default_root_dir=str(tmp_path))
@@ -59,7 +61,7 @@ class HookProbe(L.Callback):
 def test_callback_writes_the_expected_rows_and_hooks_only_recorded_steps(tmp_path):
     probe = HookProbe()
     cb, net = _tiny_trainer(tmp_path, every=3, steps=8, probe=probe)
-    path = cb.close()
+    path = cb.artifacts()["histograms"]
     assert path == tmp_path / "trace" / "histograms.parquet"
     assert probe.seen == [(s, 1 if s % 3 == 0 else 0) for s in range(8)]  # hooked on steps 0, 3, 6 only
     assert not net[0]._forward_hooks and not net[1]._forward_hooks  # nothing left behind
@@ -81,12 +83,16 @@ def test_callback_writes_the_expected_rows_and_hooks_only_recorded_steps(tmp_pat
 
 
 def test_rows_are_flushed_in_chunks(tmp_path):
-    cb, _ = _tiny_trainer(tmp_path, every=1, steps=4)
-    cb.chunk_rows = 1
-    assert cb.rows_written == 4 * 8 and cb.close() is not None  # teardown flushed them all
+    """8 rows a recorded step (3 layers' gradients and signals, 2 activations) in chunks of 12 rows: a row
+    group is written as each chunk fills during training (after steps 1 and 2), the rest by teardown."""
     import pyarrow.parquet as pq
-    t = pq.read_table(tmp_path / "trace" / "histograms.parquet")
-    assert t.num_rows == 32 and t.schema.metadata[b"log10_edges"].startswith(b"-12,-11.5")
+
+    cb, _ = _tiny_trainer(tmp_path, every=1, steps=4, chunk_rows=12)
+    assert cb.writer.rows_written == 4 * 8 and cb.writer.row_groups == 3
+    f = pq.ParquetFile(cb.artifacts()["histograms"])
+    assert f.metadata.num_row_groups == 3
+    assert [f.metadata.row_group(i).num_rows for i in range(3)] == [12, 12, 8]
+    assert f.schema_arrow.metadata[b"log10_edges"].startswith(b"-12,-11.5")
 
 
 def test_batched_histograms_equal_one_at_a_time():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from src.stats import LAYER_STATS
+from src.stats.names import LAYER_STATS
 from tests.conftest import ROOT, runs_of
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src import validate
-from src.data import DataFilesMissing
+from src.config import validate
+from src.data.datasets import DataFilesMissing
 from src.train import train
 from tests.conftest import CONF, runs_of
 

@@ -146,7 +146,7 @@ def test_a_nonfinite_loss_stops_the_run_cleanly_and_the_sweep_goes_on(tmp_path):
 
 def test_the_guard_can_be_turned_off(compose_cfg, tracking_uri):
     train(compose_cfg(["optimizer.lr=1e8", "activation=relu", "init=he", "model.depth=4", "model.width=32",
-                       "trainer.max_steps=20", "trainer.log_every_n_steps=1", "guard.stop_on_nonfinite_loss=false",
+                       "trainer.max_steps=20", "trainer.log_every_n_steps=1", "callbacks.nonfinite_guard=null",
                        "trainer.enable_progress_bar=false", "tracking.plots=false", "stats=off"]))
     client, [run] = runs_of(tracking_uri)
     losses = client.get_metric_history(run.info.run_id, "train/loss")

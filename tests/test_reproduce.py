@@ -1,8 +1,9 @@
 """src.reproduce's tables from hand-made run records (no training): values come from the runs, pipes are
-escaped, each check says whether it holds, and the README block is replaced, not appended."""
+escaped, each check says whether it holds, and the README's summary is rebuilt from the tables, not appended."""
 from __future__ import annotations
 
-from src import reproduce
+from src.reproduce.results import END, START, markdown, summary_row, update_readme
+from src.reproduce.runner import StudyRun
 
 
 def _row(name, params, metrics, history, tags=None):
@@ -14,29 +15,38 @@ def test_he_depth_table_and_check():
     rows = [_row("init=lecun", {"init": "lecun"}, {"val/acc": 0.1}, {"backprop_ratio": [(0, 4e-5), (10, 1e-4)]},
                  {"verdict": "vanishing"}),
             _row("init=he", {"init": "he"}, {"val/acc": 0.94}, {"backprop_ratio": [(0, 1.08)]}, {"verdict": "converged"})]
-    text = reproduce.markdown("he_depth", rows, 12.0, ["python", "-m", "src.train", "-m", "experiment=he_depth"], False)
+    text = markdown("he_depth", StudyRun(rows, 12.0, ["python", "-m", "src.train", "-m", "experiment=he_depth"]), False)
     assert "| init=lecun | 4e-05 | 0.1 | vanishing | ≈4e-5; stalls |" in text
     assert "| init=he | 1.08 | 0.94 | converged |" in text
     assert "**holds**" in text and "12 s wall time" in text
     rows[1]["history"] = lambda key: [(0, 50.0)]  # He's ratio far from 1: the check must say so
-    assert "**does NOT hold**" in reproduce.markdown("he_depth", rows, 1.0, ["x"], False)
+    assert "**does NOT hold**" in markdown("he_depth", StudyRun(rows, 1.0, ["x"]), False)
 
 
 def test_pipes_are_escaped_and_missing_cells_say_so():
     rows = [_row("activation=sigmoid,model.depth=3", {"activation": "sigmoid", "model.depth": "3"}, {}, {})]
-    text = reproduce.markdown("moons_sigmoid_vs_relu", rows, 1.0, ["x"], True)
+    text = markdown("moons_sigmoid_vs_relu", StudyRun(rows, 1.0, ["x"]), True)
     assert "mean \\|old−new\\|/lr" in text and "\\|Δ\\|/lr 280…1100" in text
     assert "| — |" in text and "(quick)" in text
 
 
-def test_readme_block_is_replaced(tmp_path):
-    (tmp_path / "a.md").write_text("### `a`\nfull\n")
-    (tmp_path / "a.quick.md").write_text("### `a` (quick)\nquick\n")
-    (tmp_path / "b.quick.md").write_text("### `b` (quick)\nquick b\n")
+def test_the_readme_summary_is_rebuilt_from_the_tables(tmp_path):
+    """One row per preset, a full run's table before a quick one's, each with its runs, wall time and checks;
+    the old block replaced, the text around it kept."""
+    rows = [_row("init=lecun", {"init": "lecun"}, {"val/acc": 0.1}, {"backprop_ratio": [(0, 4e-5)]}),
+            _row("init=he", {"init": "he"}, {"val/acc": 0.94}, {"backprop_ratio": [(0, 1.08)]})]
+    (tmp_path / "he_depth.md").write_text(markdown("he_depth", StudyRun(rows, 166.4, ["x"]), False))
+    (tmp_path / "he_depth.quick.md").write_text(markdown("he_depth", StudyRun(rows[:1], 9.0, ["x"]), True))
+    (tmp_path / "cures.quick.md").write_text(markdown("cures", StudyRun([], 3.0, ["x"]), True))
     readme = tmp_path / "repo" / "README.md"
     readme.parent.mkdir()
-    readme.write_text(f"intro\n{reproduce.START}\nold table\n{reproduce.END}\nrest\n")
-    reproduce.update_readme(tmp_path, readme)
+    readme.write_text(f"intro\n{START}\nold table\n{END}\nrest\n")
+    update_readme(tmp_path, readme)
     text = readme.read_text()
-    assert "old table" not in text and "full" in text and "quick b" in text and "\nquick\n" not in text
-    assert text.startswith("intro\n") and text.endswith("rest\n")
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    he = next(line for line in text.splitlines() if "`he_depth`" in line)
+    assert "(quick)" not in he and "| 2 runs, 166 s |" in he
+    assert "lecun's ratio < 1e-3 and He's within [0.1, 10]: **holds**" in he
+    cures = next(line for line in text.splitlines() if "`cures`" in line)
+    assert "(quick)" in cures and "| 0 runs, 3 s |" in cures and "**cannot be checked (" in cures
+    assert summary_row("he_depth", "### `he_depth`\nno numbers here\n", "x.md").endswith("| — | — |")

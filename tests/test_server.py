@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from src import tracking
 from src.train import train
 from tests.conftest import SlowProxy, runs_of
+from src.tracking.store import client, ensure_experiment
+from src.tracking.writer import AsyncRunWriter
 
 STEPS = 40
 CFG = [f"trainer.max_steps={STEPS}", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "stats.log_every_n_steps=1",
@@ -45,9 +46,9 @@ def test_closing_waits_for_the_backlog_with_a_progress_line(mlflow_server, capfd
     port = int(mlflow_server.rsplit(":", 1)[1])
     proxy = SlowProxy(port, delay=1.0)
     try:
-        slow = tracking.client(f"http://127.0.0.1:{proxy.port}")
-        run_id = slow.create_run(tracking.ensure_experiment(slow, "e", mlflow_server)).info.run_id
-        writer = tracking.AsyncRunWriter(slow, run_id)
+        slow = client(f"http://127.0.0.1:{proxy.port}")
+        run_id = slow.create_run(ensure_experiment(slow, "e", mlflow_server)).info.run_id
+        writer = AsyncRunWriter(slow, run_id)
         for step in range(3):  # 3000 values: at least three 1000-metric requests, each held 1 s
             writer.log_metrics({f"m/layer_{i:04d}": float(i) for i in range(1000)}, step)
         writer.close()

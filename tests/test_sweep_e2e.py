@@ -15,9 +15,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from src import sweep
 from tests.conftest import ROOT, free_port, runs_of
 from tests.pg import fresh_database
+from src.sweeps.leases import WORKER
+from src.sweeps.space import point_key
+from src.sweeps.storage import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +43,7 @@ def _wait_running_trial_of(proc: subprocess.Popen, study: optuna.Study, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.system_attrs.get(sweep.WORKER, "").endswith(f":{proc.pid}") and "mlflow_run_id" in t.user_attrs:
+            if t.system_attrs.get(WORKER, "").endswith(f":{proc.pid}") and "mlflow_run_id" in t.user_attrs:
                 return t.number
         assert proc.poll() is None, "the worker ended before it ran a trial (see its log in tmp_path)"
         time.sleep(0.1)
@@ -67,7 +69,7 @@ def _run_scenario(tmp: Path, storage: str, uri: str) -> None:
 
     trials = _load(storage, study_name).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    points = sorted(sweep.point_key(t.params) for t in complete)
+    points = sorted(point_key(t.params) for t in complete)
     assert len(complete) == 8 and len(set(points)) == 8, [(t.number, t.state, t.params) for t in trials]
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     killed = trials[victim]
@@ -93,7 +95,7 @@ def _load(storage: str, name: str, timeout: float = 120) -> optuna.Study:
     deadline = time.monotonic() + timeout
     while True:  # the first worker creates the study
         try:
-            return optuna.load_study(study_name=name, storage=sweep.open_storage(storage))
+            return optuna.load_study(study_name=name, storage=open_storage(storage))
         except KeyError:
             if time.monotonic() > deadline:
                 raise
@@ -136,7 +138,7 @@ def test_submitit_local_workers_then_status_report_and_dashboard(tmp_path):
     storage, uri = f"journal:{tmp_path}/o.journal", f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     args = _small_grid_args(tmp_path, storage)
-    out = subprocess.run([sys.executable, "-m", "src.sweeper", "submit", "--workers", "2", *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "src.sweeps", "submit", "--workers", "2", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "submitted 2 worker job(s) to local" in out.stderr
@@ -144,17 +146,17 @@ def test_submitit_local_workers_then_status_report_and_dashboard(tmp_path):
     assert sorted(t.params["activation"] for t in study.get_trials() if t.state == TrialState.COMPLETE) == \
         ["relu", "sigmoid"]
 
-    status = subprocess.run([sys.executable, "-m", "src.sweeper", "status", *args], cwd=ROOT, env=env,
+    status = subprocess.run([sys.executable, "-m", "src.sweeps", "status", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert status.returncode == 0 and "complete 2" in status.stdout and "best: trial" in status.stdout
 
-    rep = subprocess.run([sys.executable, "-m", "src.sweeper", "report", *args], cwd=ROOT, env=env,
+    rep = subprocess.run([sys.executable, "-m", "src.sweeps", "report", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert (tmp_path / "sweeps" / "report" / "report.csv").exists()
 
     port = free_port()
-    dash = subprocess.Popen([sys.executable, "-m", "src.sweeper", "dashboard", *args], cwd=ROOT,
+    dash = subprocess.Popen([sys.executable, "-m", "src.sweeps", "dashboard", *args], cwd=ROOT,
                             env=dict(env, DASHBOARD_PORT=str(port)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src import registry, theory
-from src.data import ArrayDataModule
-from src.model import build_mlp
+from src.analysis import theory
+from src.models import registry
+from src.data.datamodule import ArrayDataModule
+from src.models.mlp import build_mlp
 
 
 def test_gaussian_means_match_closed_forms():
@@ -61,7 +62,7 @@ def test_theory_matches_measurement_at_init(activation, init):
     preds, meas = [], []
     for seed in range(4):
         torch.manual_seed(seed)
-        net = build_mlp(64, 10, [256] * 5, activation, init)
+        net = build_mlp(64, 10, widths=[256] * 5, activation=activation, init=init)
         preds.append(theory.predict(net, x_all, activation).chi1)
         idx = torch.randperm(len(x_all))[:128]
         meas.append(_measured(net, x_all[idx], y_all[idx]))
@@ -76,7 +77,7 @@ def test_theory_matches_measurement_at_init(activation, init):
 
 def test_predict_reads_the_init_from_the_weights():
     torch.manual_seed(0)
-    net = build_mlp(64, 10, [512] * 3, "relu", "lecun_normal")  # n Var w = 1: chi1 = 1/2 for relu
+    net = build_mlp(64, 10, widths=[512] * 3, activation="relu", init="lecun_normal")  # n Var w = 1: chi1 = 1/2 for relu
     p = theory.predict(net, torch.randn(100, 64), "relu")
     np.testing.assert_allclose(p.chi1[:-1], 0.5, rtol=0.05)
     assert p.depth_scale == pytest.approx(1 / math.log(2), rel=0.1)
@@ -105,5 +106,5 @@ def test_train_logs_theory_histograms_and_their_figures(tracking_uri, compose_cf
     assert {"trace/histograms.parquet", "plots/theory.png", "plots/hist_grad.png", "plots/hist_backprop.png",
             "plots/hist_act.png"} <= arts
     local = client.download_artifacts(run.info.run_id, "trace/histograms.parquet")
-    from src.histograms import read_histograms
+    from src.stats.histograms import read_histograms
     assert list(read_histograms(local)["grad"]["steps"]) == [0, 5, 10]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 
-from src.trace import TraceWriter, read_trace
+from src.stats.trace import TraceWriter, read_trace
 
 
 def test_buffer_is_bounded_and_flushed_in_chunks(tmp_path):

@@ -8,27 +8,31 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from src import tracking
+from src.tracking.run import TrackedRun
+from src.tracking.spool import replay
+from src.tracking.store import TrackingUnavailable, ensure_experiment, resolve_uri
+from src.tracking.urls import redact
+from src.tracking.writer import AsyncRunWriter
 
 
 def test_resolve_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert tracking.resolve_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking.resolve_uri("sqlite:///x.db") == "sqlite:///x.db"
+    assert resolve_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_uri("sqlite:///x.db") == "sqlite:///x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_uri("sqlite:///x.db") == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:///x.db") == "http://127.0.0.1:5000"
 
 
 def test_redact_hides_passwords():
-    assert tracking.redact("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
-    assert tracking.redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redact("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
+    assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def test_experiment_is_created_once_with_artifacts_beside_the_store(tracking_uri, tmp_path):
     client = MlflowClient(tracking_uri)
-    a = tracking.ensure_experiment(client, "e", tracking_uri)
-    assert tracking.ensure_experiment(client, "e", tracking_uri) == a
+    a = ensure_experiment(client, "e", tracking_uri)
+    assert ensure_experiment(client, "e", tracking_uri) == a
     exp = client.get_experiment(a)
     assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -36,8 +40,8 @@ def test_experiment_is_created_once_with_artifacts_beside_the_store(tracking_uri
 
 def test_writer_splits_large_batches_and_delivers_everything(tracking_uri):
     client = MlflowClient(tracking_uri)
-    run_id = client.create_run(tracking.ensure_experiment(client, "e", tracking_uri)).info.run_id
-    w = tracking.AsyncRunWriter(client, run_id)
+    run_id = client.create_run(ensure_experiment(client, "e", tracking_uri)).info.run_id
+    w = AsyncRunWriter(client, run_id)
     for step in range(3):  # 3 x 1500 metrics: more than one log_batch request each
         w.log_metrics({f"m/layer_{i:04d}": step + i for i in range(1500)}, step)
     w.log_params({f"p{i}": i for i in range(250)})
@@ -52,8 +56,8 @@ def test_writes_run_in_a_separate_process_and_survive_its_death(tracking_uri, ca
     """MLflow's Python code runs in the sink process (its own GIL); if that process dies, the writer sends
     from the training process and nothing is lost."""
     client = MlflowClient(tracking_uri)
-    run_id = client.create_run(tracking.ensure_experiment(client, "e", tracking_uri)).info.run_id
-    w = tracking.AsyncRunWriter(client, run_id, linger=0.0)
+    run_id = client.create_run(ensure_experiment(client, "e", tracking_uri)).info.run_id
+    w = AsyncRunWriter(client, run_id, linger=0.0)
     sink = w._sink.process
     assert sink.is_alive() and sink.pid != os.getpid()
     w.log_metrics({"a": 1.0}, 0)
@@ -74,8 +78,8 @@ def test_the_backlog_is_bounded_and_nothing_is_lost(tracking_uri, capfd):
     """Values that come faster than the store takes them make the caller wait past max_backlog; every
     value still arrives."""
     client = MlflowClient(tracking_uri)
-    run_id = client.create_run(tracking.ensure_experiment(client, "e", tracking_uri)).info.run_id
-    w = tracking.AsyncRunWriter(client, run_id, linger=0.3, max_backlog=50)  # holds each batch 0.3 s
+    run_id = client.create_run(ensure_experiment(client, "e", tracking_uri)).info.run_id
+    w = AsyncRunWriter(client, run_id, linger=0.3, max_backlog=50)  # holds each batch 0.3 s
     seen = []
     for step in range(20):  # 200 values handed over far faster than one batch per 0.3 s
         w.log_metrics({f"m{i}": float(step) for i in range(10)}, step)
@@ -91,17 +95,17 @@ def test_a_backlog_past_the_bound_is_spooled_while_the_server_is_down(tracking_u
     """With the server down and the bound reached, the writer spools instead of retrying for
     retry_seconds: training goes on, memory stays bounded, replay delivers everything."""
     store = MlflowClient(tracking_uri)
-    run_id = store.create_run(tracking.ensure_experiment(store, "e", tracking_uri)).info.run_id
+    run_id = store.create_run(ensure_experiment(store, "e", tracking_uri)).info.run_id
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     dead = MlflowClient("http://127.0.0.1:9")  # nothing listens on the discard port
-    w = tracking.AsyncRunWriter(dead, run_id, spool_dir=tmp_path, retry_seconds=600.0, linger=0.0, max_backlog=50)
+    w = AsyncRunWriter(dead, run_id, spool_dir=tmp_path, retry_seconds=600.0, linger=0.0, max_backlog=50)
     t0 = time.monotonic()
     for step in range(20):
         w.log_metrics({f"m{i}": float(step) for i in range(10)}, step)
     assert time.monotonic() - t0 < 60  # not 600 s of retries
     w.close(timeout=5)
     assert w.spooled_to is not None
-    assert tracking.replay(w.spooled_to, tracking_uri) == 200
+    assert replay(w.spooled_to, tracking_uri) == 200
     assert [m.step for m in store.get_metric_history(run_id, "m9")] == list(range(20))
 
 
@@ -109,8 +113,8 @@ def test_an_error_of_the_store_crosses_the_process_boundary_as_mlflows(tracking_
     """A refusal (here: an unknown run) is MLflow's permanent error in the writer too: spooled at once,
     not retried for retry_seconds."""
     client = MlflowClient(tracking_uri)
-    tracking.ensure_experiment(client, "e", tracking_uri)
-    w = tracking.AsyncRunWriter(client, "0" * 32, spool_dir=tmp_path, retry_seconds=600.0)
+    ensure_experiment(client, "e", tracking_uri)
+    w = AsyncRunWriter(client, "0" * 32, spool_dir=tmp_path, retry_seconds=600.0)
     t0 = time.monotonic()
     w.log_metrics({"a": 1.0}, 0)
     w.close(timeout=60)
@@ -119,16 +123,16 @@ def test_an_error_of_the_store_crosses_the_process_boundary_as_mlflows(tracking_
 
 def test_unreachable_server_spools_and_replay_delivers(tracking_uri, tmp_path, monkeypatch):
     store = MlflowClient(tracking_uri)
-    run_id = store.create_run(tracking.ensure_experiment(store, "e", tracking_uri)).info.run_id
+    run_id = store.create_run(ensure_experiment(store, "e", tracking_uri)).info.run_id
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     dead = MlflowClient("http://127.0.0.1:9")  # nothing listens on the discard port
-    w = tracking.AsyncRunWriter(dead, run_id, spool_dir=tmp_path / "spool", retry_seconds=1.0)
+    w = AsyncRunWriter(dead, run_id, spool_dir=tmp_path / "spool", retry_seconds=1.0)
     w.log_metrics({"train/loss": 0.5}, 0)
     w.log_metrics({"train/loss": 0.25}, 1)
     w.close(timeout=5)
     assert w.spooled_to is not None and w.spooled_to.exists()
-    assert tracking.replay(w.spooled_to, tracking_uri) == 2
+    assert replay(w.spooled_to, tracking_uri) == 2
     assert [m.value for m in store.get_metric_history(run_id, "train/loss")] == [0.5, 0.25]
 
 
@@ -136,7 +140,7 @@ def test_unreachable_server_spools_and_replay_delivers(tracking_uri, tmp_path, m
 def test_tracked_run_never_stays_running(tracking_uri, exc, status):
     run = None
     try:
-        with tracking.TrackedRun(tracking_uri, "e", "r", params={"a": 1}) as run:
+        with TrackedRun(tracking_uri, "e", "r", params={"a": 1}) as run:
             run.writer.log_metrics({"x": 1.0}, 0)
             if exc:
                 raise exc("boom")
@@ -152,12 +156,12 @@ def test_tracked_run_never_stays_running(tracking_uri, exc, status):
 def test_a_run_that_cannot_be_created_says_so_in_one_line(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = "http://bob:s3cret@127.0.0.1:9"  # nothing listens on the discard port
-    with pytest.raises(tracking.TrackingUnavailable, match=r"could not create a run in http://bob:\*\*\*@127.0.0.1:9") as e:
-        with tracking.TrackedRun(uri, "e", "r", params={}, server_timeout=1):
+    with pytest.raises(TrackingUnavailable, match=r"could not create a run in http://bob:\*\*\*@127.0.0.1:9") as e:
+        with TrackedRun(uri, "e", "r", params={}, server_timeout=1):
             pass
     assert "s3cret" not in str(e.value)
 
 
 def test_redact_finds_urls_inside_messages():
     msg = "API request to http://bob:s3cret@host:5000/api/2.0/x failed; retry http://amy:pw@h/"
-    assert tracking.redact(msg) == "API request to http://bob:***@host:5000/api/2.0/x failed; retry http://amy:***@h/"
+    assert redact(msg) == "API request to http://bob:***@host:5000/api/2.0/x failed; retry http://amy:***@h/"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from src.stats import LAYER_STATS
+from src.stats.names import LAYER_STATS
 from src.train import train
 from tests.conftest import runs_of
 

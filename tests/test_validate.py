@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from src import validate
+from src.config import validate
 from tests.conftest import ROOT, runs_of
 
 

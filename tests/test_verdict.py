@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from src import verdict
-from src.stats import LAYER_STATS
+from src.analysis import verdict
+from src.stats.names import LAYER_STATS
 from src.train import train
 from tests.conftest import CONF, runs_of
 
@@ -159,12 +159,14 @@ def test_a_layer_the_loss_does_not_reach_is_not_an_explosion():
 
 def test_stats_off_is_unknown_with_a_reason():
     v = verdict.diagnose(None, FALLING, "relu", TH)
-    assert v.verdict == "unknown" and "stats.enabled=false" in v.reason
+    assert v.verdict == "unknown" and "(stats=off)" in v.reason
 
 
-def test_every_registry_activation_has_a_family():
-    from src.registry import ACTIVATIONS
-    assert set(verdict.ACTIVATION_FAMILY) == set(ACTIVATIONS)
+def test_every_registry_activation_says_what_its_saturation_means():
+    from src.models.registry import ACTIVATIONS
+    assert {a.family for a in ACTIVATIONS.values()} == {"saturated", "dead", None}
+    assert {n for n, a in ACTIVATIONS.items() if a.family == "saturated"} == {"sigmoid", "tanh", "softsign"}
+    assert ACTIVATIONS["identity"].family is None  # no flat region: never judged
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         verdict.diagnose(make_trace(), FLAT, "swish", TH)
 
@@ -203,7 +205,7 @@ def test_real_run_with_stats_off_is_unknown(tracking_uri, compose_cfg):
     out = train(compose_cfg([*REAL, "model.depth=2", "stats=off", "trainer.max_steps=5"]))
     assert out["verdict"] == "unknown"
     _, [run] = runs_of(tracking_uri)
-    assert run.data.tags["verdict"] == "unknown" and "stats.enabled=false" in run.data.tags["verdict_reason"]
+    assert run.data.tags["verdict"] == "unknown" and "(stats=off)" in run.data.tags["verdict_reason"]
 
 
 def test_a_run_that_never_trained_with_a_moderately_decaying_signal_is_vanishing():

@@ -11,15 +11,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from src import plots
-from src.model import Classifier, build_mlp
-from src.weight_change import WeightChangeCallback
+from src.analysis import plots
+from src.models.mlp import build_mlp
+from src.models.modules import Classifier
+from src.callbacks.weight_change import WeightChangeCallback, read_weight_change
 
 
 def test_one_sgd_step_changes_each_layer_by_lr_times_its_gradient(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    net = build_mlp(4, 3, [6, 5], "tanh", "xavier_uniform")
+    net = build_mlp(4, 3, widths=[6, 5], activation="tanh", init="xavier_uniform")
     w0 = [m.weight.detach().clone() for m in net if isinstance(m, nn.Linear)]
     nn.functional.cross_entropy(net(x), y).backward()
     grads = [m.weight.grad.clone() for m in net if isinstance(m, nn.Linear)]
@@ -37,8 +38,12 @@ def test_one_sgd_step_changes_each_layer_by_lr_times_its_gradient(tmp_path):
     np.testing.assert_allclose(cb.totals["total_over_lr"], expected / lr, rtol=1e-4)
     pct = [(100 * lr * g / w).abs().median().item() for g, w in zip(grads, w0)]
     np.testing.assert_allclose(cb.totals["pct_median"], pct, rtol=1e-3)
-    rows = list(csv.reader(open(cb.write_csv())))
+    path = cb.artifacts()["weight_change"]
+    rows = list(csv.reader(open(path)))
     assert rows[0] == ["step", "layer_00", "layer_01", "layer_02"] and rows[1][0] == "0"
+    steps, values = read_weight_change(path)  # what the figure is drawn from
+    assert steps.tolist() == [0]
+    np.testing.assert_allclose(values[0], expected, rtol=1e-4)
 
 
 def test_bad_cadence_fails_loudly():

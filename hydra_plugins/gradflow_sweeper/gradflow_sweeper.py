@@ -1,6 +1,6 @@
 """Hydra plugin shell of the sweep engine (Hydra only loads sweepers from the `hydra_plugins` namespace).
-It accepts the configuration keys of hydra-optuna-sweeper; the work is done in src.sweeper, imported only
-when a sweep runs so that every other Hydra start-up stays fast."""
+It accepts the configuration keys of hydra-optuna-sweeper; the work is done in src.sweeps.worker, imported
+only when a sweep runs so that every other Hydra start-up stays fast."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,10 +33,10 @@ class GradflowSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         from omegaconf import OmegaConf
 
-        from src import sweeper
+        from src.sweeps import worker
 
         for key in ("sampler", "pruner", "params", "gpus"):  # plain containers from here on
             value = getattr(self, key)
             if OmegaConf.is_config(value):
                 setattr(self, key, OmegaConf.to_container(value, resolve=True))
-        return sweeper.run(self, arguments)
+        return worker.run(self, arguments)

@@ -1,0 +1,167 @@
+"""GradientStatsCallback: every `every_n_steps` optimizer steps, the per-layer statistics (src.stats.names) of
+every recorded layer (src.stats.layers) into the dense trace and, every `log_every_n_steps` steps, to the
+Trainer's loggers, whatever they are (this module imports no tracker).
+
+The callback decides *when*: which steps are recorded, when the buffered steps become statistics (when the
+buffers are full and when training ends), and that each reaches the loggers with its own step number. What
+a step shows comes from the taps (taps.py); how it is kept and reduced, from strategies chosen once for the
+model as trained (recorders.py for the weights and the signal, activations.py for the activations).
+Weight gradients are read at `on_before_optimizer_step`: accumulated over micro-batches, unscaled under
+mixed precision, before clipping.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from src.callbacks.activations import activation_recorder
+from src.callbacks.recorders import SignalNorms, gradients, param_recorder
+from src.callbacks.taps import LayerTaps
+from src.stats.layers import recorded_layers
+from src.stats.names import ACT_STATS, GRAD_STATS, LAYER_STATS, layer_metrics
+from src.stats.trace import TraceWriter
+
+GRAD_COLUMNS = len(GRAD_STATS) + 1  # and grad_nonfinite: the first columns of a recorder's flush
+
+
+class GradientStatsCallback(L.Callback):
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        log_every_n_steps: int = 50,
+        saturation_threshold: float = 0.05,
+        trace_chunk_steps: int = 1024,
+        trace_path: str | Path | None = None,  # None: trace.parquet in the Trainer's default_root_dir
+        ring_steps: int | None = None,          # steps buffered before a flush; None: chosen for the model
+    ):
+        for name, v in (("every_n_steps", every_n_steps), ("log_every_n_steps", log_every_n_steps),
+                        ("trace_chunk_steps", trace_chunk_steps), ("ring_steps", ring_steps or 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"stats.{name} must be a positive integer, got {v!r}")
+        if not 0.0 < saturation_threshold < 1.0:
+            raise ValueError(f"stats.saturation_threshold must be in (0, 1), got {saturation_threshold!r}")
+        if log_every_n_steps % every_n_steps:
+            raise ValueError(
+                f"stats.log_every_n_steps ({log_every_n_steps}) must be a multiple of "
+                f"stats.every_n_steps ({every_n_steps}): only recorded steps can be logged"
+            )
+        self.every_n_steps, self.log_every_n_steps = every_n_steps, log_every_n_steps
+        self.threshold, self.trace_chunk_steps, self.ring_steps = saturation_threshold, trace_chunk_steps, ring_steps
+        self.trace_path = Path(trace_path) if trace_path else None
+        self.taps: LayerTaps | None = None
+        self.params = self.signals = self.activations = self.trace = None
+        self._steps: list[int] = []          # the recorded steps in the buffers, slot by slot
+        self._inv_scale: list[float] = []    # per slot: 1 / the loss scale of mixed precision
+        self._step: int | None = None        # the optimizer step being recorded
+        self._stepped = False                # the optimizer has stepped for it (not mid-accumulation)
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            self.layers = recorded_layers(pl_module, type(self).__name__)
+            self.taps = LayerTaps(pl_module, self.layers).attach()
+            self._discovering = True  # the first recorded step shows which activation follows which layer
+
+    def on_fit_start(self, trainer, pl_module):
+        """The strategies are chosen here, not in setup: Lightning moves and converts the model in between."""
+        weights = [layer.weight for layer in self.layers]
+        self.params = param_recorder(weights, self.ring_steps)
+        self.capacity = self.params.capacity
+        self.signals = SignalNorms(self.capacity, len(weights), weights[0].device, self.params.lib)
+        self.trace_path = self.trace_path or Path(trainer.default_root_dir) / "trace.parquet"
+        self.trace = TraceWriter(self.trace_path, LAYER_STATS, len(weights), self.trace_chunk_steps)
+        self._loggers = trainer.loggers
+
+    # ---- one recorded step: signal after each backward, gradients before the step, the rest after it --------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        self.taps.armed = step % self.every_n_steps == 0
+        self.taps.begin_forward()
+        if self.taps.armed and self._step != step:  # the first micro-batch of this optimizer step
+            self._step = step
+            self.signals.zero(len(self._steps))
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.taps.armed:  # ||dL/ds||^2 adds up over the step's micro-batches
+            self.signals.add(len(self._steps), self.taps.take_signals())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not self.taps.armed:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # the tensor hooks saw the loss-scaled signal; the weight gradients are unscaled by now
+        self._inv_scale.append(1.0 / scaler.get_scale() if scaler is not None else 1.0)
+        self._stepped = True
+        with torch.no_grad():
+            self.params.before_step(len(self._steps), self._step, gradients(self.params.weights))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not (self.taps.armed and self._stepped):  # accumulating: the optimizer has not stepped yet
+            return
+        self._stepped = False
+        k = len(self._steps)
+        with torch.no_grad():
+            self.params.after_step(k, self._step)
+        if self._discovering:
+            self._discovering = False
+            self.activations = activation_recorder(self.taps, self.params.lib, self.threshold, self.capacity,
+                                                   self.params.weights[0].device)
+            if self.activations is not None:
+                self.capacity = min(self.capacity, self.activations.capacity)
+        if self.activations is not None:
+            self.activations.capture(k, self.taps)
+        self._steps.append(self._step)
+        self.taps.release()
+        if len(self._steps) >= self.capacity:
+            self.flush()
+
+    # ---- the buffered steps become statistics --------------------------------------------------------------
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Compute the statistics of every buffered step, append them to the trace and hand the logged steps
+        to the loggers, each with its own step number."""
+        n = len(self._steps)
+        if n == 0:
+            return
+        params = self.params.flush(n)
+        act = torch.full((n, len(self.layers), len(ACT_STATS)), float("nan"), device=params.device)
+        if self.activations is not None:
+            act[:, self.activations.layers] = self.activations.flush(n).to(act.device)
+        signal = self.signals.flush(n, self._inv_scale).to(params.device)
+        values = torch.cat([params[..., :GRAD_COLUMNS], signal[..., None], act, params[..., GRAD_COLUMNS:]],
+                           dim=2).cpu().numpy()  # one host sync for n steps
+        steps, self._steps, self._inv_scale = self._steps, [], []
+        for step, v in zip(steps, values):
+            self.trace.append(step, v)
+            if step % self.log_every_n_steps == 0 and self._loggers:
+                metrics = layer_metrics(v, self.act_layers)
+                for logger in self._loggers:
+                    logger.log_metrics(metrics, step=step)
+
+    @property
+    def act_layers(self) -> set[int]:
+        """The layers an activation module follows (they get act_* statistics)."""
+        return set(self.activations.layers) if self.activations is not None else set()
+
+    def on_train_end(self, trainer, pl_module):
+        self.flush()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.flush()  # what was recorded before the failure still reaches the trace
+
+    def teardown(self, trainer, pl_module, stage):
+        if stage != "fit" or self.taps is None:
+            return
+        self.flush()
+        self.taps.detach()
+        self.taps.release()
+        if self.params is not None:
+            self.params.close()
+        if self.trace is not None:
+            self.trace.close()
+
+    def artifacts(self) -> dict[str, Path]:
+        """The files this callback wrote, by role: the dense trace (closed first)."""
+        path = self.trace.close() if self.trace is not None else None
+        return {"trace": path} if path else {}

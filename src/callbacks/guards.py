@@ -1,0 +1,41 @@
+"""Callbacks that end a run early for a stated reason, without failing it.
+
+Lightning's own options do not fit: `EarlyStopping(check_finite=True)` looks at a monitored metric only at
+epoch or validation ends (hundreds of NaN steps late on digits), and `Trainer(detect_anomaly=True)`
+raises, which would fail the run and the sweep trial. So this is a few lines of our own.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Asks the Trainer to stop after the first training batch whose loss is NaN or infinite; the reason
+    (with the optimizer step) is kept in `stop_reason` for the caller to record."""
+
+    def __init__(self) -> None:
+        self.stop_reason: str | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None or self.stop_reason is not None:
+            return
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            step = max(trainer.global_step - 1, 0)  # global_step already counts this batch's update
+            self.stop_reason = f"non-finite train/loss ({value}) at step {step}"
+            trainer.should_stop = True
+            _say(f"stopping: {self.stop_reason} (callbacks.nonfinite_guard=null trains on)")
+
+    def tags(self) -> dict[str, str]:
+        """The MLflow tag stop_reason, when the run was stopped."""
+        return {"stop_reason": self.stop_reason} if self.stop_reason else {}
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)

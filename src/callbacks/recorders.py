@@ -1,0 +1,175 @@
+"""How GradientStatsCallback records the weights' statistics: three strategies behind one protocol, one chosen
+when fit starts for the model as trained; and the back-propagated signal's norms.
+
+Every strategy keeps `capacity` steps in slots 0..capacity-1:
+  before_step(k, step, grads)  before optimizer step `step`: its gradients (and what the update needs)
+  after_step(k, step)          after it: the weights and the step taken
+  flush(n)                     [n, layers, 9] float32: grad_* and grad_nonfinite, then weight_* and
+                               update_ratio (src.stats.names), of the steps in slots 0..n-1
+  close()
+- FusedParams: float32 weights on the CPU with the compiled kernel: one read of each tensor per pass, and
+  only a row of sums per layer and step is kept.
+- StackedParams: small nets elsewhere (a GPU, other dtypes, no C compiler): each step's gradients and
+  weights before and after are copied into ring buffers and reduced at flush in a few stacked ops, since
+  there the dispatch of many small ops costs more than their arithmetic.
+- PerTensorParams: big nets elsewhere: reduced whole at the step, where copying them would cost more than
+  the dispatch it saves.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from src.stats import fused
+from src.stats import reductions as stats
+from src.stats.names import GRAD_STATS
+
+# Gradients and weights are buffered (and reduced at flush) when all layers zero-padded to the largest one
+# hold at most this many elements: there per-op dispatch dominates. Above it, copying them costs more than
+# reducing them at once.
+STACK_MAX_NUMEL = 1 << 17
+# Ring buffers hold at most this many float32 elements in all (64 MiB), and at most MAX_RING_STEPS steps,
+# so a flush stays short and values reach the loggers soon.
+RING_MAX_NUMEL = 1 << 24
+MAX_RING_STEPS = 32
+ZERO_FRAC = GRAD_STATS.index("grad_zero_frac")
+
+
+def gradients(weights: list[Tensor]) -> list[Tensor]:
+    """Each weight's gradient; zeros for a weight the loss did not reach this step."""
+    return [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
+
+
+def param_recorder(weights: list[Tensor], ring_steps: int | None = None):
+    """The strategy for these weights as they are now (after Lightning moved and converted the model)."""
+    numel = [w.numel() for w in weights]
+    lib = fused.library() if fused.eligible(weights) else None
+    if lib is not None:
+        return FusedParams(weights, ring_steps or MAX_RING_STEPS, lib)
+    if len(weights) * max(numel) <= STACK_MAX_NUMEL:
+        per_step = 3 * len(weights) * max(numel)
+        return StackedParams(weights, ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // per_step)))
+    return PerTensorParams(weights, ring_steps or MAX_RING_STEPS)
+
+
+class FusedParams:
+    name = "fused"
+
+    def __init__(self, weights: list[Tensor], capacity: int, lib):
+        self.weights, self.capacity, self.lib = weights, capacity, lib
+        self._numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
+        # keeps the weights before the step itself, unless its last weight pass left them in place
+        self._passes = fused.FusedPasses(lib, weights, threads=torch.get_num_threads())
+        self._grad_sums = torch.zeros(capacity, len(weights), len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
+        self._weight_sums = torch.zeros(capacity, len(weights), len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
+
+    def before_step(self, k: int, step: int, grads: list[Tensor]) -> None:
+        self._passes.grad_pass(grads, self._grad_sums[k], step)
+
+    def after_step(self, k: int, step: int) -> None:
+        self._passes.weight_pass(self._weight_sums[k], step)
+
+    def flush(self, n: int) -> Tensor:
+        return torch.cat([stats.gradient_stats_from_sums(self._grad_sums[:n], self._numel),
+                          stats.weight_stats_from_sums(self._weight_sums[:n], self._numel)], dim=2)
+
+    def close(self) -> None:
+        self._passes.close()
+
+
+class StackedParams:
+    name = "stacked"
+
+    def __init__(self, weights: list[Tensor], capacity: int):
+        self.weights, self.capacity, self.lib = weights, capacity, None
+        numel = [w.numel() for w in weights]
+        dev, width = weights[0].device, max(numel)
+        self._numel = torch.tensor(numel, dtype=torch.float64, device=dev)
+        self._g, self._wb, self._wa = (torch.zeros(capacity, len(weights), width, device=dev) for _ in range(3))
+
+        def views(buf):  # per slot, each layer's part of the buffer shaped like its weight; padding stays zero
+            return [[buf[k, i, :n].view_as(w) for i, (n, w) in enumerate(zip(numel, weights))]
+                    for k in range(capacity)]
+
+        self._g_at, self._wb_at, self._wa_at = views(self._g), views(self._wb), views(self._wa)
+
+    def before_step(self, k: int, step: int, grads: list[Tensor]) -> None:
+        torch._foreach_copy_(self._g_at[k], grads)
+        torch._foreach_copy_(self._wb_at[k], self.weights)
+
+    def after_step(self, k: int, step: int) -> None:
+        torch._foreach_copy_(self._wa_at[k], self.weights)
+
+    def flush(self, n: int) -> Tensor:
+        g = self._g[:n]
+        grad = stats.stacked_gradient_stats(g, self._numel)
+        nonfinite = torch.zeros(n, len(self.weights), 1, device=grad.device)
+        broken = (~torch.isfinite(grad[..., 0]).all(dim=1)).nonzero().squeeze(1)
+        if len(broken):  # rare: pay for counting the NaN/Inf entries, and the zeros exactly
+            nonfinite[broken, :, 0] = stats.stacked_nonfinite_counts(g[broken])
+            grad[broken, :, ZERO_FRAC] = (stats.stacked_zero_counts(g[broken], self._numel) / self._numel).float()
+        weight = stats.stacked_weight_stats(self._wb[:n], self._wa[:n], self._numel)
+        return torch.cat([grad, nonfinite, weight], dim=2)
+
+    def close(self) -> None:
+        pass
+
+
+class PerTensorParams:
+    name = "per_tensor"
+
+    def __init__(self, weights: list[Tensor], capacity: int):
+        self.weights, self.capacity, self.lib = weights, capacity, None
+        dev = weights[0].device
+        self._grad_rows = torch.zeros(capacity, len(weights), 6, device=dev)
+        self._weight_rows = torch.zeros(capacity, len(weights), 3, device=dev)
+        self._before: list[Tensor] | None = None
+
+    def before_step(self, k: int, step: int, grads: list[Tensor]) -> None:
+        rows = stats.gradient_stats(grads)
+        nonfinite = torch.zeros(len(grads), 1, device=rows.device)
+        if not torch.isfinite(rows[:, 0]).all():  # rare: pay for counting NaN/Inf entries (a host sync)
+            nonfinite[:, 0] = stats.nonfinite_counts(grads)
+            rows[:, ZERO_FRAC] = stats.zero_fractions(grads)
+        torch.cat([rows, nonfinite], dim=1, out=self._grad_rows[k])
+        if self._before is None:  # the optimizer changes the weights in place: keep the pre-step copy
+            self._before = [w.detach().clone() for w in self.weights]
+        else:
+            torch._foreach_copy_(self._before, self.weights)
+
+    def after_step(self, k: int, step: int) -> None:
+        torch._foreach_sub_(self._before, self.weights)  # in place: W_before - W_after, no allocation
+        self._weight_rows[k] = stats.weight_stats(self.weights, self._before)
+
+    def flush(self, n: int) -> Tensor:
+        return torch.cat([self._grad_rows[:n], self._weight_rows[:n]], dim=2)
+
+    def close(self) -> None:
+        pass
+
+
+class SignalNorms:
+    """||dL/ds||^2 of every layer's output per step, summed over the step's micro-batches in float64."""
+
+    def __init__(self, capacity: int, n_layers: int, device, lib=None):
+        self._sq = torch.zeros(capacity, n_layers, dtype=torch.float64, device=device)
+        self._rows = list(self._sq.unbind(0))
+        self._kernel = fused.SquareSums(lib, n_layers) if lib is not None else None
+
+    def zero(self, k: int) -> None:
+        self._rows[k].zero_()
+
+    def add(self, k: int, signals: list[Tensor | None]) -> None:
+        row = self._rows[k]
+        if any(g is None for g in signals):
+            # a layer the loss does not reach (frozen, unused): no signal, NaN rather than a made-up 0
+            for i, g in enumerate(signals):
+                row[i] = float("nan") if g is None else row[i] + g.double().square().sum()
+        elif not (self._kernel is not None and self._kernel(signals, row)):  # float32 CPU: the kernel
+            norms = torch.stack(torch._foreach_norm(signals))
+            row.addcmul_(norms, norms)  # into float64
+
+    def flush(self, n: int, inv_scale: list[float]) -> Tensor:
+        """[n, layers] float32 norms; the tensor hooks saw the loss-scaled signal, `inv_scale` undoes it."""
+        scale = torch.tensor(inv_scale[:n], dtype=torch.float64, device=self._sq.device)
+        return (self._sq[:n].sqrt() * scale[:, None]).float()

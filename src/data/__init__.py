@@ -1,0 +1,1 @@
+"""The offline datasets and the LightningDataModule that serves them."""

@@ -1,0 +1,43 @@
+"""The datasets as in-memory tensors behind a LightningDataModule."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from src.data.datasets import REGRESSION, load_arrays
+
+
+class ArrayDataModule(L.LightningDataModule):
+    """A dataset of src.data.datasets as tensors: shuffled training batches (seeded), whole-set validation."""
+
+    def __init__(self, name: str, batch_size: int, seed: int = 0, **opts):
+        super().__init__()
+        if int(batch_size) <= 0:
+            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        self.batch_size = int(batch_size)
+        x_tr, y_tr, x_va, y_va = load_arrays(name, seed, **opts)
+        self.train_set = TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
+        self.val_set = TensorDataset(torch.from_numpy(x_va), torch.from_numpy(y_va))
+        self.in_dim = x_tr.shape[1]
+        self.task = "regression" if name in REGRESSION else "classification"
+        # outputs of the net: one per class, or one per target column for regression
+        self.n_classes = y_tr.shape[1] if self.task == "regression" else int(max(y_tr.max(), y_va.max())) + 1
+        self.seed = seed
+
+    # In-memory tensors, so no worker processes (they would cost more than they save), and whole batches
+    # are fetched with one index op per tensor: the default loader fetches sample by sample and stacks
+    # them, a cost per batch comparable to a small net's step. Same sampler, same generator: the same
+    # batches in the same order as DataLoader(shuffle=True, generator=g).
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return _batched(self.train_set, RandomSampler(self.train_set, generator=g), self.batch_size, g)
+
+    def val_dataloader(self):
+        return _batched(self.val_set, SequentialSampler(self.val_set), 1024)
+
+
+def _batched(data: TensorDataset, order, batch_size: int, generator=None) -> DataLoader:
+    # the loader draws its base seed from the generator before the sampler's permutation, as it did before
+    return DataLoader(data, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None,
+                      generator=generator)

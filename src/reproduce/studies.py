@@ -1,0 +1,132 @@
+"""The presets' studies: for each, what the seed or paper reported, the columns of our table, the shorter
+run of --quick, and the checks that say whether our runs show the same thing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from src.reproduce.columns import (Row, best, by, first, first_step_above, last, layer_range, ratio_of_medians,
+                                   swept, tag, tail_mean, top_hidden, val_err)
+
+
+@dataclass
+class Study:
+    title: str                           # the study in one line (the README's table)
+    reference: str                       # what the seed/paper showed, in one paragraph
+    columns: list[tuple[str, Callable]]  # (header, fn(row) -> value)
+    quick: list[str]                     # overrides for --quick
+    seed_column: Callable[[Row], str] = lambda r: ""
+    checks: list[tuple[str, Callable[[list[Row]], bool]]] = field(default_factory=list)
+
+
+VERDICT = ("verdict", tag("verdict"))
+STUDIES: dict[str, Study] = {
+    "circles_4x5": Study(
+        "seed 003: circles, 4 hidden layers of 5, N(0, 1) init, RMSprop; sigmoid vs tanh vs relu",
+        "Seed 003 (Keras, 100 epochs): train accuracy sigmoid 0.652, tanh 0.994, relu 0.995; weight-gradient "
+        "std per layer ≈1e-2…1e-3 for sigmoid, ≈1e-1…1e-2 for tanh.",
+        [("val/acc (last 3 epochs)", tail_mean("val/acc", 3)), ("train/acc (last 10 logs)", tail_mean("train/acc")),
+         ("grad_std per hidden layer (median over training)", layer_range("grad_std")), VERDICT,
+         ("verdict_reason", tag("verdict_reason"))],
+        ["trainer.max_epochs=30"],
+        seed_column=lambda r: {"sigmoid": "acc 0.652; grad std 1e-2…1e-3", "tanh": "acc 0.994; grad std 1e-1…1e-2",
+                               "relu": "acc 0.995"}.get(r["params"].get("activation"), ""),
+        checks=[("sigmoid ends below tanh and relu (val/acc)", lambda rs: tail_mean("val/acc", 3)(by(rs, activation="sigmoid"))
+                 < min(tail_mean("val/acc", 3)(by(rs, activation=a)) for a in ("tanh", "relu")))],
+    ),
+    "moons_sigmoid_vs_relu": Study(
+        "seed 004: moons, 3 sigmoid vs 2 ReLU layers of 10, Adam; the first layer's change",
+        "Seed 004 (Keras, Adam 1e-3, 100 epochs): sigmoid ×3 stuck at 0.51 for 10 epochs, 0.81 at the end; "
+        "relu ×2 reaches 1.0. First layer: |old−new|/lr ≈280…1100 and 98…8700 % change (sigmoid), ≈4…240 and "
+        "1…170 % (relu).",
+        [("val/acc", last("val/acc")), ("train/acc (last 10 logs)", tail_mean("train/acc")),
+         ("layer 0 mean |old−new|/lr", last("weight_change/total_over_lr/layer_00")),
+         ("layer 0 median % change", last("weight_change/pct_median/layer_00")), VERDICT],
+        ["trainer.max_epochs=30"],
+        seed_column=lambda r: {("sigmoid", "3"): "acc 0.81; |Δ|/lr 280…1100; 98…8700 %",
+                               ("relu", "2"): "acc 1.0; |Δ|/lr 4…240; 1…170 %"}.get(
+            (r["params"].get("activation"), r["params"].get("model.depth")), "(not in the seed)"),
+    ),
+    "mnist_40_20": Study(
+        "seed 001: 784-40-20-10, SGD 0.1; sigmoid/ReLU × N(0, 0.01²)/LeCun/He",
+        "Seed 001 plots train-batch and test accuracy every 10 iterations for four cells (sigmoid+N(0,0.01²), "
+        "ReLU+N(0,0.01²), sigmoid+\"Xavier\" (std 1/√fan_in), ReLU+He); its text gives no final numbers. Small "
+        "Gaussian weights make the sigmoid net slowest to leave chance; the scaled inits learn from the start.",
+        [("test acc (final)", last("val/acc")), ("test acc (best)", best("val/acc")),
+         ("first step test acc ≥ 0.5", first_step_above("val/acc", 0.5)), VERDICT],
+        ["trainer.max_steps=300"],
+        seed_column=lambda r: "seed cell" if (r["params"].get("activation"), r["params"].get("init")) in
+        {("sigmoid", "small_normal"), ("relu", "small_normal"), ("sigmoid", "lecun"), ("relu", "he")} else "",
+    ),
+    "mnist_deep_sigmoid": Study(
+        "seed 000: [1000, 750, 500] sigmoid, momentum 0.99; a stall, then an escape",
+        "Seed 000 (MNIST, 410 steps per epoch): error ≈0.9 for ~15 epochs (~6000 steps), then falls to ≈0.03 "
+        "by epoch 29: a stall, then an escape; per-layer mean |ΔW| per step shows it.",
+        [("first step train/acc ≥ 0.5 (escape)", first_step_above("train/acc", 0.5)),
+         ("val/acc (final)", last("val/acc")),
+         ("mean |ΔW| layer 0 / last (median)", ratio_of_medians), VERDICT,
+         ("verdict_reason", tag("verdict_reason"))],
+        ["trainer.max_epochs=8"],
+        seed_column=lambda r: "error ≈0.9 for ~6000 steps, escape, ≈0.03 at the end",
+    ),
+    "line_fit": Study(
+        "seed 002: a 1→1 tanh fit of y = 2x; small gradients at convergence are not vanishing",
+        "Seed 002: a 1→1 tanh unit fitting y = 2x; the gradient shrinks as the fit converges. The answer: "
+        "convergence, not a vanishing gradient.",
+        [("train/loss first", first("train/loss")), ("train/loss last", last("train/loss")),
+         ("grad_norm first", first("grad_norm/layer_00")), ("grad_norm last", last("grad_norm/layer_00")),
+         VERDICT, ("verdict_reason", tag("verdict_reason"))],
+        ["trainer.max_steps=400"],
+        seed_column=lambda r: "converging, not vanishing",
+    ),
+    "glorot_bengio": Study(
+        "Glorot & Bengio 2010, Table 1, scaled down: sigmoid/tanh/softsign × standard/normalized init",
+        "Glorot & Bengio 2010, Table 1 (MNIST, 5 × 1000 units, test error %): Softsign 1.64, Softsign N 1.72, "
+        "Tanh 1.76, Tanh N 1.64, Sigmoid 2.21 (Shapeset: Sigmoid 82.61, Tanh 27.15, Tanh N 15.60). With the "
+        "standard init the back-propagated gradient shrinks towards the input; normalized (N) init keeps it level.",
+        [("val error % (last 3 epochs)", lambda r: val_err(r)), ("backprop_ratio at step 0", first("backprop_ratio")),
+         ("top hidden layer act_mean (median over training)", lambda r: top_hidden(r, "act_mean")), VERDICT],
+        ["trainer.max_epochs=2", "model.width=64"],
+        seed_column=lambda r: {("softsign", "torch_default"): "1.64", ("softsign", "xavier"): "1.72",
+                               ("tanh", "torch_default"): "1.76", ("tanh", "xavier"): "1.64",
+                               ("sigmoid", "torch_default"): "2.21"}.get(
+            (r["params"].get("activation"), r["params"].get("init")), "—"),
+        checks=[
+            ("sigmoid has the highest error of the three activations (standard init)",
+             lambda rs: val_err(by(rs, activation="sigmoid", init="torch_default"))
+             > max(val_err(by(rs, activation=a, init="torch_default")) for a in ("tanh", "softsign"))),
+            ("normalized init keeps the back-propagated signal more level than standard (tanh)",
+             lambda rs: first("backprop_ratio")(by(rs, activation="tanh", init="xavier"))
+             > first("backprop_ratio")(by(rs, activation="tanh", init="torch_default"))),
+            ("normalized init keeps the back-propagated signal more level than standard (softsign)",
+             lambda rs: first("backprop_ratio")(by(rs, activation="softsign", init="xavier"))
+             > first("backprop_ratio")(by(rs, activation="softsign", init="torch_default"))),
+            ("tanh: normalized init error ≤ standard init error",
+             lambda rs: val_err(by(rs, activation="tanh", init="xavier"))
+             <= val_err(by(rs, activation="tanh", init="torch_default"))),
+        ],
+    ),
+    "he_depth": Study(
+        "He et al. 2015: 30 ReLU layers of 256, LeCun (1/n) vs He (2/n) init",
+        "He et al. 2015: a 30-layer ReLU net with Var(w) = 1/n \"completely stalls\"; He init (2/n) converges. "
+        "Theory at init (depth 30, width 256): first/last back-propagated ratio ≈4e-5 for 1/n, ≈1 for He.",
+        [("backprop_ratio at step 0", first("backprop_ratio")), ("val/acc (final)", last("val/acc")), VERDICT],
+        ["trainer.max_epochs=2"],
+        seed_column=lambda r: {"lecun": "≈4e-5; stalls", "he": "≈1; converges"}.get(r["params"].get("init"), ""),
+        checks=[("lecun's ratio < 1e-3 and He's within [0.1, 10]",
+                 lambda rs: first("backprop_ratio")(by(rs, init="lecun")) < 1e-3
+                 and 0.1 <= first("backprop_ratio")(by(rs, init="he")) <= 10)],
+    ),
+    "cures": Study(
+        "each known cure on a 20-layer sigmoid net that stays at chance without one",
+        "No seed: the literature's cures, each on a deep sigmoid net (20 layers of 64, Xavier, SGD 0.1, digits) "
+        "that stays at chance without one. Expected: batch norm (Ioffe & Szegedy 2015) and skip connections "
+        "(He et al. 2016) keep the back-propagated signal's size; clipping only bounds large gradients, so it "
+        "cannot enlarge a vanishing one; ReLU with He init removes the cause.",
+        [("backprop_ratio at step 0", first("backprop_ratio")), ("val/acc (final)", last("val/acc")), VERDICT],
+        ["trainer.max_epochs=4"],
+        checks=[("at least one cure lifts val/acc above the baseline's by 0.3",
+                 lambda rs: max(last("val/acc")(r) for r in rs if swept(r).get("cure") != "none")
+                 > last("val/acc")(by(rs, cure="none")) + 0.3)],
+    ),
+}

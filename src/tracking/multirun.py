@@ -1,0 +1,70 @@
+"""MultirunParentRun: the Hydra callback that gives a multirun (`python -m src.train -m ...`) one parent MLflow
+run; every job finds it through $GRADFLOW_PARENT_RUN_ID and names its nested child run by the swept
+overrides ($GRADFLOW_SWEEP_KEYS)."""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import time
+
+from hydra.experimental.callback import Callback
+
+from src.tracking.env import PARENT_RUN_ENV, SWEEP_KEYS_ENV
+from src.tracking.retry import first_line, retrying
+from src.tracking.store import client, ensure_experiment, resolve_uri
+from src.tracking.urls import redact
+
+
+class MultirunParentRun(Callback):
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.failed = False
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if "gradflow_sweeper" in str(config.hydra.sweeper.get("_target_", "")):
+            return  # the sweep engine keeps one parent run per study, shared by its workers
+
+        overrides = list(config.hydra.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        swept = [o.input_line for o in parsed if o.is_sweep_override()]
+        keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+        # a preset may declare its sweep in hydra.sweeper.params (`-m experiment=cures`)
+        for key, values in dict(config.hydra.sweeper.get("params") or {}).items():
+            if key.lstrip("+~") not in keys:  # the command line wins over the preset's sweep
+                keys.append(key.lstrip("+~"))
+                swept.append(f"{key}={values}")
+        uri = resolve_uri(config.tracking.uri)
+        self.client = client(uri)
+        exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)
+        name = "multirun " + " ".join(swept or overrides)
+        self.run_id = self.client.create_run(exp_id, run_name=name[:250], tags={
+            "gradflow.multirun": "true", "gradflow.overrides": redact(" ".join(overrides))[:5000],
+        }).info.run_id
+        os.environ[PARENT_RUN_ENV] = self.run_id
+        os.environ[SWEEP_KEYS_ENV] = ",".join(keys)
+        atexit.register(self._finish, "FAILED")  # a sweep that raises never reaches on_multirun_end
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+
+        if self.run_id and job_return.status == JobStatus.FAILED:
+            self.failed = True
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        self._finish("FAILED" if self.failed else "FINISHED")
+
+    def _finish(self, status: str) -> None:
+        if self.run_id is None:
+            return
+        try:  # a server that is down right now may be back within a minute
+            retrying(lambda: self.client.set_terminated(self.run_id, status), f"marking the multirun {status}",
+                     time.monotonic() + 60)
+        except Exception as e:  # noqa: BLE001 - the jobs' own runs are complete; say which parent is left
+            print(f"mlflow: could not mark multirun {self.run_id} {status}: {redact(first_line(e))}", file=sys.stderr)
+        self.run_id = None
+        os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_KEYS_ENV, None)
+        atexit.unregister(self._finish)
