@@ -11,7 +11,8 @@ import lightning as L
 from omegaconf import DictConfig
 
 from src.analysis import outputs, theory, verdict
-from src.callbacks import pruning, tags_of
+from src.callbacks import tags_of
+from src.callbacks.pruning import TRIAL_ENV
 from src.config import build, validate
 from src.data.datasets import DataFilesMissing
 from src.stats.names import is_layer_key
@@ -29,7 +30,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     data = build.data_module(cfg)
     net = build.network(cfg, data)
     module = build.lightning_module(cfg, net, data)
-    callbacks = build.callbacks(cfg) + pruning.from_environment()
+    callbacks = build.callbacks(cfg) + _trial_callbacks()
     prediction = theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))  # at init
     out_dir, name, uri = build.output_dir(), build.run_name(cfg), resolve_uri(cfg.tracking.uri)
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
@@ -62,6 +63,15 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         run.writer.set_tags(judged.tags())
         print(f"verdict: {judged.verdict}: {judged.reason}")
     return {**results, "verdict": judged.verdict}
+
+
+def _trial_callbacks() -> list:
+    """A sweep's trial reports to its study and stops when pruned; Optuna is imported only there."""
+    if not os.environ.get(TRIAL_ENV):
+        return []
+    from src.sweeps.trial import trial_callbacks
+
+    return trial_callbacks()
 
 
 def _fit(trainer: L.Trainer, module, data) -> None:

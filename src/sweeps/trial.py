@@ -4,11 +4,13 @@ while it runs.
 
 The fork reuses the worker's imports, so a trial pays no interpreter start-up; the worker never touches
 CUDA, so a trial's CUDA state dies with its process. The trial process learns which run and which trial it
-is from the environment (src.tracking.env, src.callbacks.pruning) and sends its result back through a pipe.
+is from the environment (src.tracking.env, and $GRADFLOW_TRIAL for trial_callbacks) and sends its result back
+through a pipe.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -18,10 +20,10 @@ from typing import Any
 
 import optuna
 
-from src.callbacks.pruning import PRUNED_AT, TRIAL_ENV, trial_spec
+from src.callbacks.pruning import PRUNED_AT, TRIAL_ENV, OptunaPruning
 from src.sweeps import leases, loop
 from src.sweeps.space import as_overrides
-from src.sweeps.storage import storage_of
+from src.sweeps.storage import open_storage, storage_of
 from src.tracking.env import PARENT_RUN_ENV, RUN_ID_ENV, SWEEP_KEYS_ENV
 from src.tracking.sink import drop_inherited_connections
 
@@ -35,7 +37,8 @@ def run_trial(sweep, trial: optuna.Trial, params: dict) -> leases.Outcome:
         "trial_number": str(trial.number), **_retry_tag(trial)}).info.run_id
     trial.set_user_attr("mlflow_run_id", run_id)
     env = {RUN_ID_ENV: run_id, PARENT_RUN_ENV: sweep.parent_id, SWEEP_KEYS_ENV: ",".join(params),
-           TRIAL_ENV: trial_spec(sweep.sw.storage, study.study_name, trial._trial_id, sweep.metric, sweep.sw.pruner)}
+           TRIAL_ENV: json.dumps({"storage": sweep.sw.storage, "study": study.study_name, "trial_id": trial._trial_id,
+                                  "metric": sweep.metric, "pruner": sweep.sw.pruner})}
     fork = mp.get_context("fork")
     receive, send = fork.Pipe(duplex=False)
     child = fork.Process(target=_child, args=(send, sweep.sw, sweep.fixed + as_overrides(params), trial.number,
@@ -97,6 +100,19 @@ def _child(conn, sw, overrides: list[str], number: int, env: dict, metric: str) 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip the worker's atexit handlers, which belong to the worker
+
+
+def trial_callbacks() -> list:
+    """In a trial's process ($GRADFLOW_TRIAL set by its worker): [OptunaPruning] when the study has a pruner,
+    else []."""
+    spec = json.loads(os.environ.get(TRIAL_ENV) or "{}")
+    if not spec.get("pruner"):
+        return []
+    from hydra.utils import instantiate
+
+    study = optuna.load_study(study_name=spec["study"], storage=open_storage(spec["storage"]),
+                              pruner=instantiate(spec["pruner"]))
+    return [OptunaPruning(optuna.Trial(study, spec["trial_id"]), spec["metric"])]
 
 
 def threads(sw) -> int:
