@@ -50,3 +50,25 @@ def test_the_readme_summary_is_rebuilt_from_the_tables(tmp_path):
     cures = next(line for line in text.splitlines() if "`cures`" in line)
     assert "(quick)" in cures and "| 0 runs, 3 s |" in cures and "**cannot be checked (" in cures
     assert summary_row("he_depth", "### `he_depth`\nno numbers here\n", "x.md").endswith("| — | — |")
+
+
+def test_the_checks_of_the_seed_presets_answer_from_their_runs():
+    """Each check says holds on runs that show the seed's finding, and does NOT hold on runs that do not."""
+    reach = {"val/acc": [(0, 0.1), (100, 0.6)]}
+    rows = [_row("s", {"activation": "sigmoid", "init": "small_normal"}, {}, {"val/acc": [(0, 0.1), (300, 0.2)]}),
+            _row("r", {"activation": "relu", "init": "he"}, {}, reach)]
+    assert "slowest to reach test acc 0.5: **holds**" in markdown("mnist_40_20", StudyRun(rows, 1.0, ["x"]), False)
+    rows[0]["history"] = lambda key: reach.get(key, [])  # learns as fast as ReLU/He: not the slowest
+    assert "**does NOT hold**" in markdown("mnist_40_20", StudyRun(rows, 1.0, ["x"]), False)
+
+    run = [_row("deep", {}, {"val/acc": 0.8}, {"train/acc": [(0, 0.1), (300, 0.6)], "train/loss": [(0, 2.3), (449, 0.5)]})]
+    assert "then an escape (final val/acc ≥ 0.5): **holds**" in markdown("mnist_deep_sigmoid", StudyRun(run, 1.0, ["x"]), False)
+    run[0]["history"] = lambda key: {"train/acc": [(0, 0.6)], "train/loss": [(0, 2.3), (449, 0.5)]}.get(key, [])
+    assert "**does NOT hold**" in markdown("mnist_deep_sigmoid", StudyRun(run, 1.0, ["x"]), False)  # no stall
+
+    moons = [_row("sig", {"activation": "sigmoid", "model.depth": "3"}, {"val/acc": 0.88, "weight_change/total_over_lr/layer_00": 658.0}, {}),
+             _row("relu", {"activation": "relu", "model.depth": "2"}, {"val/acc": 0.96, "weight_change/total_over_lr/layer_00": 268.0}, {})]
+    assert markdown("moons_sigmoid_vs_relu", StudyRun(moons, 1.0, ["x"]), False).count("**holds**") == 2
+
+    line = [_row("line_fit", {}, {}, {}, {"verdict": "vanishing"})]
+    assert "the verdict is converged, not vanishing: **does NOT hold**" in markdown("line_fit", StudyRun(line, 1.0, ["x"]), False)

@@ -45,7 +45,7 @@ def markdown(preset: str, run: StudyRun, quick: bool) -> str:
 def summary_row(preset: str, table: str, link: str) -> str:
     """One README row from a preset's results table (as markdown() wrote it)."""
     ours = _OURS.search(table)
-    runs = f"{ours[1]} runs, {ours[2]} s" if ours else "—"
+    runs = f"{ours[1]} run{'' if ours[1] == '1' else 's'}, {ours[2]} s" if ours else "—"
     checks = "; ".join(f"{text}: **{ok}**" for text, ok in _CHECK.findall(table)) or "—"
     quick = " (quick)" if "(quick)" in table.splitlines()[0] else ""
     return f"| [`{preset}`]({link}){quick} | {STUDIES[preset].title} | {runs} | {checks} |"

@@ -20,6 +20,22 @@ class Study:
 
 
 VERDICT = ("verdict", tag("verdict"))
+
+
+def slowest_to_learn(rows: list[Row]) -> bool:
+    """mnist_40_20: sigmoid with small Gaussian weights reaches test acc 0.5 last (or never), every other
+    cell does."""
+    reach = first_step_above("val/acc", 0.5)
+    target = by(rows, activation="sigmoid", init="small_normal")
+    others = [reach(r) for r in rows if r is not target]
+    return all(s is not None for s in others) and (reach(target) is None or reach(target) > max(others))
+
+
+def stalled_then_escaped(row: Row) -> bool:
+    """mnist_deep_sigmoid: train/acc stays below 0.5 for at least the first tenth of the run, and the run
+    ends above 0.5 (val/acc)."""
+    escape, end = first_step_above("train/acc", 0.5)(row), row["history"]("train/loss")
+    return escape is not None and bool(end) and escape >= 0.1 * end[-1][0] and last("val/acc")(row) >= 0.5
 STUDIES: dict[str, Study] = {
     "circles_4x5": Study(
         "seed 003: circles, 4 hidden layers of 5, N(0, 1) init, RMSprop; sigmoid vs tanh vs relu",
@@ -46,6 +62,12 @@ STUDIES: dict[str, Study] = {
         seed_column=lambda r: {("sigmoid", "3"): "acc 0.81; |Δ|/lr 280…1100; 98…8700 %",
                                ("relu", "2"): "acc 1.0; |Δ|/lr 4…240; 1…170 %"}.get(
             (r["params"].get("activation"), r["params"].get("model.depth")), "(not in the seed)"),
+        checks=[("the seed's ReLU net ends above its sigmoid net (val/acc)",
+                 lambda rs: last("val/acc")(by(rs, activation="relu", **{"model.depth": 2}))
+                 > last("val/acc")(by(rs, activation="sigmoid", **{"model.depth": 3}))),
+                ("the sigmoid net's first layer moves more than the ReLU net's (|old−new|/lr)",
+                 lambda rs: last("weight_change/total_over_lr/layer_00")(by(rs, activation="sigmoid", **{"model.depth": 3}))
+                 > last("weight_change/total_over_lr/layer_00")(by(rs, activation="relu", **{"model.depth": 2})))],
     ),
     "mnist_40_20": Study(
         "seed 001: 784-40-20-10, SGD 0.1; sigmoid/ReLU × N(0, 0.01²)/LeCun/He",
@@ -57,6 +79,7 @@ STUDIES: dict[str, Study] = {
         ["trainer.max_steps=300"],
         seed_column=lambda r: "seed cell" if (r["params"].get("activation"), r["params"].get("init")) in
         {("sigmoid", "small_normal"), ("relu", "small_normal"), ("sigmoid", "lecun"), ("relu", "he")} else "",
+        checks=[("sigmoid with N(0, 0.01²) is the slowest to reach test acc 0.5", slowest_to_learn)],
     ),
     "mnist_deep_sigmoid": Study(
         "seed 000: [1000, 750, 500] sigmoid, momentum 0.99; a stall, then an escape",
@@ -68,6 +91,8 @@ STUDIES: dict[str, Study] = {
          ("verdict_reason", tag("verdict_reason"))],
         ["trainer.max_epochs=8"],
         seed_column=lambda r: "error ≈0.9 for ~6000 steps, escape, ≈0.03 at the end",
+        checks=[("a stall (train/acc below 0.5 for the first tenth of the run or longer), then an escape (final "
+                 "val/acc ≥ 0.5)", lambda rs: stalled_then_escaped(rs[0]))],
     ),
     "line_fit": Study(
         "seed 002: a 1→1 tanh fit of y = 2x; small gradients at convergence are not vanishing",
@@ -78,6 +103,7 @@ STUDIES: dict[str, Study] = {
          VERDICT, ("verdict_reason", tag("verdict_reason"))],
         ["trainer.max_steps=400"],
         seed_column=lambda r: "converging, not vanishing",
+        checks=[("the verdict is converged, not vanishing", lambda rs: rs[0]["tags"].get("verdict") == "converged")],
     ),
     "glorot_bengio": Study(
         "Glorot & Bengio 2010, Table 1, scaled down: sigmoid/tanh/softsign × standard/normalized init",
