@@ -26,6 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where a CUDA device is, and are skipped, saying why, everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A real SQLite MLflow store in tmp, chosen the way users choose one: $MLFLOW_TRACKING_URI."""

@@ -193,7 +193,8 @@ def test_fails_loudly_without_linear_layers(tmp_path):
 
 class PlainStats(L.Callback):
     """The reference: every statistic of every layer at every step, one tensor at a time with the textbook
-    formulas of tests/reference_stats.py, from its own hooks (no buffering, no batching)."""
+    formulas of tests/reference_stats.py, from its own hooks (no buffering, no batching), on CPU copies of
+    whatever device the model trains on."""
 
     def __init__(self):
         self.rows: dict[int, np.ndarray] = {}
@@ -211,24 +212,24 @@ class PlainStats(L.Callback):
         def hook(module, inputs, out):
             if module.training:
                 self.last = i
-                out.register_hook(lambda g: self.signal.__setitem__(i, g))
+                out.register_hook(lambda g: self.signal.__setitem__(i, g.detach().cpu()))
         return hook
 
     def _keep_act(self, module, inputs, out):
         if module.training:
-            self.acts[self.last] = (out, inputs[0], ACTIVATION_BY_TYPE[type(module)])
+            self.acts[self.last] = (out.detach().cpu(), inputs[0].detach().cpu(), ACTIVATION_BY_TYPE[type(module)])
 
     def on_train_batch_start(self, *args):
         self.signal, self.acts = {}, {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         w = [lin.weight for lin in self.linears]
-        self.grads = [x.grad.clone() for x in w]
-        self.before = [x.detach().clone() for x in w]
+        self.grads = [x.grad.detach().cpu().clone() for x in w]
+        self.before = [x.detach().cpu().clone() for x in w]
         self.step = trainer.global_step
 
     def on_train_batch_end(self, trainer, *args):
-        after = [lin.weight.detach() for lin in self.linears]
+        after = [lin.weight.detach().cpu() for lin in self.linears]
         table = np.full((len(after), len(LAYER_STATS)), np.nan)
         col = {s: j for j, s in enumerate(LAYER_STATS)}
         table[:, :5] = ref.moments(self.grads).numpy()
