@@ -284,13 +284,20 @@ def test_resume_runs_only_what_is_left_and_requeues_an_interrupted_point(tmp_pat
 
 
 def test_sampler_studies_stop_at_the_trial_budget_across_workers(tmp_path):
+    """Two workers in turn on a budget of 6: the first runs all 6, the second finds the budget spent and runs
+    none; every trial is COMPLETE with its own point in the space and the objective computed on it."""
     space, _ = parse_space({"x": "interval(-1.0, 1.0)"}, [])
     url = f"journal:{tmp_path}/j.log"
-    for _ in range(2):  # two workers in turn; the second finds the budget spent
-        study = load_or_create(open_storage(url), "tpe", "minimize",
-                                     sampler=optuna.samplers.TPESampler(seed=0))
-        work(study, space, FAST, grid=False, n_trials=6, run=lambda t, p: Outcome(value=p["x"] ** 2))
-    assert len(study.get_trials()) == 6
+    ran = []
+    for _ in range(2):
+        study = load_or_create(open_storage(url), "tpe", "minimize", sampler=optuna.samplers.TPESampler(seed=0))
+        ran.append(work(study, space, FAST, grid=False, n_trials=6, run=lambda t, p: Outcome(value=p["x"] ** 2)))
+    assert ran == [6, 0]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    xs = [t.params["x"] for t in trials]
+    assert len(set(xs)) == 6 and all(-1.0 <= x <= 1.0 for x in xs)
+    assert [t.value for t in trials] == [x ** 2 for x in xs]
 
 
 # ------------------------------------------------------------------------------------------- report

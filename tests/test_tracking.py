@@ -1,6 +1,7 @@
 """The MLflow transport against real stores: batching, retry, spool and replay."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -110,15 +111,21 @@ def test_a_backlog_past_the_bound_is_spooled_while_the_server_is_down(tracking_u
 
 
 def test_an_error_of_the_store_crosses_the_process_boundary_as_mlflows(tracking_uri, tmp_path):
-    """A refusal (here: an unknown run) is MLflow's permanent error in the writer too: spooled at once,
-    not retried for retry_seconds."""
+    """A refusal (here: an unknown run) is MLflow's permanent error in the writer too: spooled at once, not
+    retried for retry_seconds. The spool holds the value as it was logged; replaying it meets the same refusal
+    and spools it again, whole, under replay-failed/."""
     client = MlflowClient(tracking_uri)
     ensure_experiment(client, "e", tracking_uri)
     w = AsyncRunWriter(client, "0" * 32, spool_dir=tmp_path, retry_seconds=600.0)
     t0 = time.monotonic()
-    w.log_metrics({"a": 1.0}, 0)
+    w.log_metrics({"a": 1.0}, 7)
     w.close(timeout=60)
-    assert time.monotonic() - t0 < 30 and w.spooled_to is not None
+    assert time.monotonic() - t0 < 30
+    [record] = [json.loads(line) for line in w.spooled_to.read_text().splitlines()]
+    assert record["run_id"] == "0" * 32 and [m[0:2] + m[3:] for m in record["metrics"]] == [["a", 1.0, 7]]
+    assert replay(w.spooled_to, tracking_uri) == 0
+    [again] = list((tmp_path / "replay-failed").glob("mlflow-spool-*.jsonl"))
+    assert [json.loads(line)["metrics"] for line in again.read_text().splitlines()] == [record["metrics"]]
 
 
 def test_unreachable_server_spools_and_replay_delivers(tracking_uri, tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """Tier (d): train(cfg) end to end into a real SQLite MLflow store, read back."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from src.stats.names import LAYER_STATS
@@ -17,10 +19,13 @@ def test_train_end_to_end(tracking_uri, compose_cfg):
     metrics = train(cfg)
     assert set(metrics) >= {"train/loss", "train/acc", "val/loss", "val/acc"}
     assert all(isinstance(v, float) for k, v in metrics.items() if k != "verdict")
-    assert metrics["verdict"] in ("healthy", "converged", "vanishing", "saturated", "dead", "exploding")
+    # 50 steps of a 3-layer tanh/He net: still learning, with its signal intact (seed 1 says the same; seed 2
+    # has already converged)
+    assert metrics["verdict"] == "healthy"
 
     client, [run] = runs_of(tracking_uri)
     assert run.info.status == "FINISHED" and run.info.run_name == "tanh-he-d3"
+    assert run.data.tags["verdict"] == "healthy" and run.data.tags["verdict_reason"].startswith("no rule fired by step 49")
     p = run.data.params
     assert (p["activation"], p["init"], p["model.depth"], p["init.name"]) == ("tanh", "he", "3", "kaiming_normal")
     keys = set(run.data.metrics)
@@ -48,23 +53,26 @@ def test_stats_off_records_no_layer_metrics(tracking_uri, compose_cfg):
 
 
 def _first_ratio(tracking_uri, compose_cfg, activation, init):
+    """(measured, predicted) backprop_ratio at step 0: the prediction is the mean-field one the run logged,
+    the product of sqrt(chi1) over the hidden-to-hidden layers."""
     cfg = compose_cfg([*FAST, "model.depth=10", "model.width=64", f"activation={activation}", f"init={init}",
                        "trainer.max_steps=1", "tracking.plots=false", f"tracking.run_name={activation}-{init}"])
     train(cfg)
     client, runs = runs_of(tracking_uri)
     [run] = [r for r in runs if r.info.run_name == f"{activation}-{init}"]
     [first] = [m for m in client.get_metric_history(run.info.run_id, "backprop_ratio") if m.step == 0]
-    return first.value
+    chi1 = [run.data.metrics[f"theory/chi1/layer_{i:02d}"] for i in range(9)]  # 10 hidden layers: 9 factors
+    return first.value, math.sqrt(math.prod(chi1))
 
 
 def test_backprop_ratio_at_init_follows_theory(tracking_uri, compose_cfg):
     """Depth 10: sigmoid's f' <= 1/4 shrinks the signal ~4x per layer under Xavier (chi_1 <= 1/16 per layer
-    in variance), while He init keeps ReLU at chi_1 = 1: the ratio is tiny for one and of order 1 for the other."""
-    sigmoid = _first_ratio(tracking_uri, compose_cfg, "sigmoid", "xavier")
-    relu = _first_ratio(tracking_uri, compose_cfg, "relu", "he")
-    assert sigmoid < 1e-3
-    assert 0.1 < relu < 10
-    assert sigmoid < relu * 1e-3
+    in variance), while He init keeps ReLU at chi_1 = 1. Both measured ratios are within 35 % of the mean-field
+    prediction (observed within 17 % over seeds 0-2 at this width)."""
+    for act, init in (("sigmoid", "xavier"), ("relu", "he")):
+        measured, predicted = _first_ratio(tracking_uri, compose_cfg, act, init)
+        assert abs(math.log(measured / predicted)) < math.log(1.35), (act, measured, predicted)
+    assert predicted == pytest.approx(1.0, rel=0.05)  # relu/he: chi1 = 1 in the mean field
 
 
 def test_unknown_option_fails_before_any_run(tracking_uri, compose_cfg):

@@ -191,7 +191,7 @@ def test_real_runs_deep_sigmoid_vanishes_relu_he_does_not(tracking_uri, compose_
     sig = train(compose_cfg([*REAL, "activation=sigmoid", "init=xavier", "tracking.run_name=sig"]))
     relu = train(compose_cfg([*REAL, "activation=relu", "init=he", "tracking.run_name=relu"]))
     assert sig["verdict"] == "vanishing"
-    assert relu["verdict"] not in ("vanishing", "unknown")
+    assert relu["verdict"] == "healthy"  # 40 steps: still learning (so at seeds 1 and 2 too)
     assert isinstance(sig["train/loss"], float)
     assert "verdict: vanishing: layer 00's back-propagated signal" in capsys.readouterr().out
     _, runs = runs_of(tracking_uri)
