@@ -5,7 +5,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from src.analysis import gradcheck
+
+
+def run(cfg) -> tuple[list[gradcheck.LayerCheck], float]:
+    """Build the configured model and a batch of its data, check them; the rows and the max relative error."""
+    from src.config import build
+
+    torch.manual_seed(cfg.seed)
+    data = build.data_module(cfg)
+    net = build.network(cfg, data)
+    x, y = data.train_set.tensors
+    n = cfg.gradcheck.batch
+    results = gradcheck.check(net, x[:n], y[:n], cfg.gradcheck.samples, cfg.gradcheck.eps, cfg.gradcheck.tol,
+                              cfg.seed)
+    return results, max((r.max_rel_error for r in results), default=0.0)
 
 
 def main(argv: list[str]) -> int:
@@ -20,7 +36,7 @@ def main(argv: list[str]) -> int:
         with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
             cfg = compose(config_name="gradcheck", overrides=argv)
         validate.check(cfg)
-        results, worst = gradcheck.run(cfg)
+        results, worst = run(cfg)
     except (HydraException, OmegaConfBaseException, validate.ConfigError, DataFilesMissing) as e:
         print("config error:\n  " + str(e).replace("\n", "\n  "), file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
-"""Gradient check: autograd against central differences (`python -m src.gradcheck [overrides]`).
+"""Gradient check: autograd against central differences (`python -m src.gradcheck [overrides]` builds the
+configured model with the same builder, registry and data as training and calls `check`).
 
-Builds the configured model (the same builder, registry and data as training) in float64 and, for a random
-sample of the weights and biases of every recorded layer, compares autograd's dL/dw with (L(w+h) - L(w-h)) / 2h.
-Prints one row per parameter tensor and the maximum relative error |a - n| / max(|a|, |n|); exits 1 above
-`gradcheck.tol`, 2 on a bad config.
+In float64, for a random sample of the weights and biases of every recorded layer, compares autograd's dL/dw
+with (L(w+h) - L(w-h)) / 2h: one row per parameter tensor with its maximum relative error |a - n| / max(|a|,
+|n|). The command exits 1 above `gradcheck.tol`, 2 on a bad config.
 
 Why not torch.autograd.gradcheck alone: it perturbs every entry of its inputs (a full Jacobian, too slow for
 MNIST-wide layers), judges with |a - n| <= atol + rtol |n| rather than the relative error users compare with
@@ -134,15 +134,3 @@ def exit_code(results: list[LayerCheck], tol: float) -> int:
     """0 when every checked entry is within `tol`, else 1."""
     return 0 if max((r.max_rel_error for r in results), default=0.0) <= tol else 1
 
-
-def run(cfg) -> tuple[list[LayerCheck], float]:
-    """Build the configured model and data batch, check them; returns the rows and the max relative error."""
-    from src.config import build
-
-    torch.manual_seed(cfg.seed)
-    data = build.data_module(cfg)
-    net = build.network(cfg, data)
-    x, y = data.train_set.tensors
-    n = cfg.gradcheck.batch
-    results = check(net, x[:n], y[:n], cfg.gradcheck.samples, cfg.gradcheck.eps, cfg.gradcheck.tol, cfg.seed)
-    return results, max((r.max_rel_error for r in results), default=0.0)
