@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from src.analysis import gradcheck
 
 
-def run(cfg) -> tuple[list[gradcheck.LayerCheck], float]:
+def run(cfg) -> tuple[list[gradcheck.ParamCheck], float]:
     """Build the configured model and a batch of its data, check them; the rows and the max relative error."""
     from src.config import build
 
@@ -19,8 +20,10 @@ def run(cfg) -> tuple[list[gradcheck.LayerCheck], float]:
     net = build.network(cfg, data)
     x, y = data.train_set.tensors
     n = cfg.gradcheck.batch
-    results = gradcheck.check(net, x[:n], y[:n], cfg.gradcheck.samples, cfg.gradcheck.eps, cfg.gradcheck.tol,
-                              cfg.seed)
+    y = y[:n].double() if data.task == "regression" else y[:n]
+    loss = (lambda out, t: F.mse_loss(out, t.view_as(out))) if data.task == "regression" else F.cross_entropy
+    results = gradcheck.check(net, x[:n], y, cfg.gradcheck.samples, cfg.gradcheck.eps, cfg.gradcheck.tol, cfg.seed,
+                              loss_fn=loss)
     return results, max((r.max_rel_error for r in results), default=0.0)
 
 

@@ -86,16 +86,23 @@ def fit(tmp_path, batch_size=3, x=X, **trainer_kwargs):
     return logger, cb
 
 
+def stats_records(logger: ListLogger) -> list[tuple[int, dict]]:
+    """The logger's records that carry per-module statistics."""
+    return [(s, m) for s, m in logger.records if any(k.startswith("grad_norm/") for k in m)]
+
+
 def test_exact_keys_and_hand_computed_values(tmp_path):
-    logger, _ = fit(tmp_path)
-    [(step, m)] = [(s, m) for s, m in logger.records if any("/layer_" in k for k in m)]
+    """Keys name each module by its path in the LightningModule (fc1, fc2)."""
+    logger, cb = fit(tmp_path)
+    [(step, m)] = stats_records(logger)
     assert step == 0
-    expected = {f"{s}/layer_{i:02d}" for s in LAYER_STATS for i in (0, 1) if not (s.startswith("act_") and i == 1)}
+    expected = {f"{s}/{k}" for s in LAYER_STATS for k in ("fc1", "fc2") if not (s.startswith("act_") and k == "fc2")}
     assert set(m) == expected  # two Linear layers: no backprop_ratio (needs two hidden layers)
+    trace = read_trace(cb.trace_path)
+    assert trace["modules"].tolist() == ["fc1", "fc2"] and trace["kinds"].tolist() == ["linear", "linear"]
 
     h, lr = hand_backprop(), 0.5
-    for i, (dW, d, W) in enumerate(((h["dW1"], h["d1"], h["W1"]), (h["dW2"], h["d2"], h["W2"]))):
-        k = f"layer_{i:02d}"
+    for k, (dW, d, W) in zip(("fc1", "fc2"), ((h["dW1"], h["d1"], h["W1"]), (h["dW2"], h["d2"], h["W2"]))):
         assert m[f"grad_norm/{k}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)
         assert m[f"grad_mean/{k}"] == pytest.approx(dW.mean(), rel=1e-5, abs=1e-7)
         assert m[f"grad_std/{k}"] == pytest.approx(dW.std(), rel=1e-5)
@@ -108,21 +115,21 @@ def test_exact_keys_and_hand_computed_values(tmp_path):
         assert m[f"weight_std/{k}"] == pytest.approx(new.std(), rel=1e-5)
         assert m[f"update_ratio/{k}"] == pytest.approx(lr * np.linalg.norm(dW) / np.linalg.norm(new), rel=1e-5)
     a = h["a"]
-    assert m["act_mean/layer_00"] == pytest.approx(a.mean(), rel=1e-5)
-    assert m["act_std/layer_00"] == pytest.approx(a.std(), rel=1e-5)
+    assert m["act_mean/fc1"] == pytest.approx(a.mean(), rel=1e-5)
+    assert m["act_std/fc1"] == pytest.approx(a.std(), rel=1e-5)
     sat = (a * (1 - a) < 0.05 * 0.25).mean()
-    assert m["act_saturation/layer_00"] == pytest.approx(sat)
+    assert m["act_saturation/fc1"] == pytest.approx(sat)
 
 
 def test_gradient_accumulation_reports_the_optimizer_step(tmp_path):
     """Three micro-batches of one sample, accumulated: the same step as one batch of three (the loss is a
     mean, Lightning divides each micro-batch's loss by 3), so every gradient statistic must match."""
     logger, _ = fit(tmp_path, batch_size=1, accumulate_grad_batches=3)
-    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    [(_, m)] = stats_records(logger)
     h = hand_backprop()
-    for i, (dW, d) in enumerate(((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
-        assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)
-        assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
+    for k, (dW, d) in zip(("fc1", "fc2"), ((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
+        assert m[f"grad_norm/{k}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)
+        assert m[f"backprop_norm/{k}"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
 
 
 def use_path(monkeypatch, path: str) -> None:
@@ -145,18 +152,18 @@ def test_non_finite_gradients_are_counted_not_dropped(tmp_path, monkeypatch, pat
     x[0, 0] = np.inf
     logger, cb = fit(tmp_path, x=x)
     assert cb.params.name == path
-    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    [(_, m)] = stats_records(logger)
     h = hand_backprop(x)
     assert np.isnan(h["dW1"]).sum() == 2 and np.isfinite(h["dW2"]).all()  # the hand computation agrees
-    assert m["grad_nonfinite/layer_00"] == 2
-    assert np.isnan(m["grad_norm/layer_00"])
-    assert m["grad_zero_frac/layer_00"] == 0.0
-    assert m["grad_nonfinite/layer_01"] == 0 and m["grad_zero_frac/layer_01"] == 0.0
-    assert m["grad_norm/layer_01"] == pytest.approx(np.linalg.norm(h["dW2"]), rel=1e-5)
-    assert m["grad_mean/layer_01"] == pytest.approx(h["dW2"].mean(), rel=1e-5)
-    assert m["grad_absmax/layer_01"] == pytest.approx(np.abs(h["dW2"]).max(), rel=1e-5)
-    assert m["backprop_norm/layer_00"] == pytest.approx(np.linalg.norm(h["d1"]), rel=1e-5)  # finite: row 0 is 0
-    assert m["act_mean/layer_00"] == pytest.approx(h["a"].mean(), rel=1e-5)
+    assert m["grad_nonfinite/fc1"] == 2
+    assert np.isnan(m["grad_norm/fc1"])
+    assert m["grad_zero_frac/fc1"] == 0.0
+    assert m["grad_nonfinite/fc2"] == 0 and m["grad_zero_frac/fc2"] == 0.0
+    assert m["grad_norm/fc2"] == pytest.approx(np.linalg.norm(h["dW2"]), rel=1e-5)
+    assert m["grad_mean/fc2"] == pytest.approx(h["dW2"].mean(), rel=1e-5)
+    assert m["grad_absmax/fc2"] == pytest.approx(np.abs(h["dW2"]).max(), rel=1e-5)
+    assert m["backprop_norm/fc1"] == pytest.approx(np.linalg.norm(h["d1"]), rel=1e-5)  # finite: row 0 is 0
+    assert m["act_mean/fc1"] == pytest.approx(h["a"].mean(), rel=1e-5)
     assert read_trace(cb.trace_path)["grad_nonfinite"][0].tolist() == [2.0, 0.0]
 
 
@@ -177,18 +184,16 @@ def test_validates_its_arguments():
         GradientStatsCallback(saturation_threshold=2.0)
 
 
-def test_fails_loudly_without_linear_layers(tmp_path):
-    class NoLinear(TwoLayer):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = self.fc2 = None
-            self.conv = nn.Conv1d(1, 1, 1)
-
-    cb = GradientStatsCallback()
-    trainer = L.Trainer(max_steps=1, logger=False, callbacks=[cb], enable_progress_bar=False,
-                        enable_checkpointing=False, accelerator="cpu")
-    with pytest.raises(ValueError, match="GradientStatsCallback found no nn.Linear layer in NoLinear"):
-        cb.setup(trainer, NoLinear(), "fit")
+def test_fails_loudly_when_nothing_is_left_to_record(tmp_path):
+    """A model whose parameters are all frozen, or a selection that matches nothing, is an error naming it."""
+    frozen = TwoLayer().requires_grad_(False)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        accelerator="cpu")
+    with pytest.raises(ValueError, match="GradientStatsCallback found no module with trainable parameters in TwoLayer"):
+        GradientStatsCallback().setup(trainer, frozen, "fit")
+    with pytest.raises(ValueError, match=r"no module of TwoLayer matches stats.include=\['conv'\]; its modules "
+                                         r"with trainable parameters: fc1, fc2"):
+        GradientStatsCallback(include=["conv"]).setup(trainer, TwoLayer(), "fit")
 
 
 class PlainStats(L.Callback):
@@ -291,11 +296,12 @@ def test_buffered_statistics_match_the_plain_reference_at_every_step(tmp_path, m
     for j, stat in enumerate(LAYER_STATS):
         expected = np.stack([plain.rows[s][:, j] for s in trace["steps"]])
         np.testing.assert_allclose(trace[stat], expected, rtol=2e-4, atol=1e-6, err_msg=stat)
-    logged = {s: m for s, m in logger.records if any("/layer_" in k for k in m)}
+    logged = dict(stats_records(logger))
     assert sorted(logged) == list(range(0, 30, 2 * every))  # each with its own step number
+    assert trace["modules"].tolist() == ["net.0", "net.2", "net.4", "net.6", "net.8"]  # a plain Sequential's paths
     for s, m in logged.items():
-        assert m["grad_norm/layer_02"] == pytest.approx(plain.rows[s][2, 0], rel=2e-4)
-        assert m["act_saturation/layer_01"] == pytest.approx(plain.rows[s][1, LAYER_STATS.index("act_saturation")])
+        assert m["grad_norm/net.4"] == pytest.approx(plain.rows[s][2, 0], rel=2e-4)
+        assert m["act_saturation/net.2"] == pytest.approx(plain.rows[s][1, LAYER_STATS.index("act_saturation")])
 
 
 class ClampedMLP(MLP):
@@ -340,7 +346,7 @@ def test_a_net_without_activation_modules(tmp_path):
     data = DataLoader(TensorDataset(torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)))
     L.Trainer(max_steps=3, logger=logger, callbacks=[cb], enable_progress_bar=False, enable_checkpointing=False,
               enable_model_summary=False, accelerator="cpu").fit(Linears(), data)
-    logged = [(s, m) for s, m in logger.records if any("/layer_" in k for k in m)]
+    logged = stats_records(logger)
     assert [s for s, _ in logged] == [0, 1, 2]
     assert not any(k.startswith("act_") for _, m in logged for k in m)
     assert np.isnan(read_trace(cb.trace_path)["act_mean"]).all()
@@ -353,11 +359,11 @@ def test_mixed_precision_reports_unscaled_gradients_and_signal(tmp_path):
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     logger, _ = fit(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
-    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    [(_, m)] = stats_records(logger)
     h = hand_backprop()
-    for i, (dW, d) in enumerate(((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
-        assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=5e-3)
-        assert m[f"backprop_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(d), rel=5e-3)
+    for k, (dW, d) in zip(("fc1", "fc2"), ((h["dW1"], h["d1"]), (h["dW2"], h["d2"]))):
+        assert m[f"grad_norm/{k}"] == pytest.approx(np.linalg.norm(dW), rel=5e-3)
+        assert m[f"backprop_norm/{k}"] == pytest.approx(np.linalg.norm(d), rel=5e-3)
 
 
 def test_the_path_is_chosen_for_the_model_as_trained(tmp_path):
@@ -365,8 +371,8 @@ def test_the_path_is_chosen_for_the_model_as_trained(tmp_path):
     weights are float64 by the first step, so the statistics must not take the float32 kernel chosen from
     the weights as they were at setup (they would crash on the first step); they must still be right."""
     logger, cb = fit(tmp_path, precision="64-true")
-    assert cb.params.name == "stacked" and cb.layers[0].weight.dtype == torch.float64
-    [m] = [m for _, m in logger.records if any("/layer_" in k for k in m)]
+    assert cb.params.name == "stacked" and cb.recorded[0].params[0].dtype == torch.float64
+    [(_, m)] = stats_records(logger)
     h = hand_backprop()
-    for i, dW in enumerate((h["dW1"], h["dW2"])):
-        assert m[f"grad_norm/layer_{i:02d}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)
+    for k, dW in zip(("fc1", "fc2"), (h["dW1"], h["dW2"])):
+        assert m[f"grad_norm/{k}"] == pytest.approx(np.linalg.norm(dW), rel=1e-5)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from src.config import validate
 from src.callbacks.gradient_stats import GradientStatsCallback
-from src.models.mlp import Residual, build_mlp
+from src.models.mlp import build_mlp
 from src.models.modules import Classifier
 from src.stats.names import LAYER_STATS
 from src.stats.trace import read_trace
@@ -19,25 +19,29 @@ from src.stats.trace import read_trace
 
 def test_norm_sits_between_linear_and_activation():
     net = build_mlp(3, 2, widths=[4, 4], activation="sigmoid", init="xavier_uniform", norm="batch")
-    kinds = [type(m).__name__ for m in net]
-    assert kinds == ["Linear", "BatchNorm1d", "Sigmoid", "Linear", "BatchNorm1d", "Sigmoid", "Linear"]
+    kinds = [(name, type(m).__name__) for name, m in net.named_children()]
+    assert kinds == [("layer_00", "Linear"), ("norm_00", "BatchNorm1d"), ("act_00", "Sigmoid"), ("layer_01", "Linear"),
+                     ("norm_01", "BatchNorm1d"), ("act_01", "Sigmoid"), ("layer_02", "Linear")]
     net = build_mlp(3, 2, widths=[4], activation="tanh", init="xavier_uniform", norm="layer")
-    assert [type(m).__name__ for m in net] == ["Linear", "LayerNorm", "Tanh", "Linear"]
+    assert [type(m).__name__ for m in net.children()] == ["Linear", "LayerNorm", "Tanh", "Linear"]
 
 
 def test_residual_only_where_widths_match():
     net = build_mlp(3, 2, widths=[4, 4, 6, 6], activation="relu", init="kaiming_normal", residual=True)
-    blocks = [m for m in net if isinstance(m, Residual)]
-    assert len(blocks) == 2  # 4->4 and 6->6; the 3->4 and 4->6 blocks change width and get no skip
+    assert net.residual == [False, True, False, True]  # 4->4 and 6->6; 3->4 and 4->6 change width: no skip
     assert sum(isinstance(m, nn.Linear) for m in net.modules()) == 5
-    x = torch.randn(7, 4)
-    torch.testing.assert_close(blocks[0](x), x + blocks[0].body(x))
+    x = torch.randn(7, 3)
+    h0 = net.act_00(net.layer_00(x))
+    h1 = h0 + net.act_01(net.layer_01(h0))
+    h2 = net.act_02(net.layer_02(h1))
+    h3 = h2 + net.act_03(net.layer_03(h2))
+    torch.testing.assert_close(net(x), net.layer_04(h3))
 
 
 def test_no_hidden_layer_and_head_activation():
     net = build_mlp(1, 1, widths=[], activation="identity", init="constant", head_activation="tanh")
-    assert [type(m).__name__ for m in net] == ["Linear", "Tanh"]
-    assert net[0].weight.item() == 0.5
+    assert [type(m).__name__ for m in net.children()] == ["Linear", "Tanh"]
+    assert net.layer_00.weight.item() == 0.5
     assert torch.all(net(torch.randn(5, 1)).abs() < 1)
 
 
@@ -48,8 +52,9 @@ def test_unknown_norm_fails_listing_valid():
 
 @pytest.mark.parametrize("norm,residual", [("batch", False), ("layer", True), ("none", True)])
 def test_statistics_with_norm_and_residual_match_autograd(norm, residual, tmp_path):
-    """Layers stay the Linear layers (input first); backprop_norm is ||dL/ds|| at each Linear's output
-    (before the norm); act_* describe the activation, fed by the norm's output."""
+    """The Linear layers keep their names and meaning (input first): backprop_norm is ||dL/ds|| at each
+    Linear's output (before the norm). The norms are recorded too, after their Linear; the activation follows
+    the norm, so act_* sit on the norm's row, fed by its output."""
     torch.manual_seed(0)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     net = build_mlp(5, 3, widths=[8, 8, 8], activation="tanh", init="xavier_uniform", norm=norm, residual=residual)
@@ -78,10 +83,14 @@ def test_statistics_with_norm_and_residual_match_autograd(norm, residual, tmp_pa
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
     t = read_trace(tmp_path / "t.parquet")
-    assert t["backprop_norm"].shape == (1, 4)  # 3 hidden Linear layers + the head
-    torch.testing.assert_close(torch.from_numpy(t["backprop_norm"][0]), expected_bp.float(), rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(torch.from_numpy(t["act_saturation"][0, :3]), expected_sat, rtol=0, atol=1e-6)
-    assert cb.act_layers == {0, 1, 2}
+    linear = [j for j, k in enumerate(t["kinds"]) if k == "linear"]
+    assert [t["modules"][j] for j in linear] == ["layer_00", "layer_01", "layer_02", "layer_03"]
+    torch.testing.assert_close(torch.from_numpy(t["backprop_norm"][0, linear]), expected_bp.float(), rtol=1e-4, atol=1e-7)
+    # the activation follows the last recorded module before it: the norm when there is one
+    act_rows = [j for j, m in enumerate(t["modules"]) if m in (("norm_00", "norm_01", "norm_02") if norm != "none"
+                                                               else ("layer_00", "layer_01", "layer_02"))]
+    torch.testing.assert_close(torch.from_numpy(t["act_saturation"][0, act_rows]), expected_sat, rtol=0, atol=1e-6)
+    assert cb.act_rows == set(act_rows)
     assert set(LAYER_STATS) <= set(t)
 
 

@@ -171,5 +171,7 @@ def test_activation_stats_leave_the_buffer_alone():
 
 def test_backprop_ratio_is_first_over_last_hidden_layer():
     # three Linear layers: two hidden ones, then the output layer (ignored)
-    assert backprop_ratio(np.array([1e-4, 1e-2, 5.0])) == pytest.approx(1e-2)
-    assert math.isnan(backprop_ratio(np.array([1.0, 2.0])))
+    assert backprop_ratio(np.array([1e-4, 1e-2, 5.0]), [0, 1, 2]) == pytest.approx(1e-2)
+    assert math.isnan(backprop_ratio(np.array([1.0, 2.0]), [0, 1]))
+    # only the layers count: a norm between them (index 1 here) is not the first or last hidden layer
+    assert backprop_ratio(np.array([1e-4, 7.0, 1e-2, 3.0, 5.0]), [0, 2, 4]) == pytest.approx(1e-2)

@@ -43,7 +43,7 @@ def _measured(net, x, y) -> np.ndarray:
         out.retain_grad()
         outs.append(out)
 
-    hooks = [m.register_forward_hook(keep) for m in net if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(keep) for m in net.modules() if isinstance(m, torch.nn.Linear)]
     F.cross_entropy(net(x), y).backward()
     for h in hooks:
         h.remove()

@@ -8,7 +8,7 @@ from src.stats.trace import TraceWriter, read_trace
 
 
 def test_buffer_is_bounded_and_flushed_in_chunks(tmp_path):
-    w = TraceWriter(tmp_path / "t.parquet", ("a", "b"), n_layers=3, chunk_steps=4)
+    w = TraceWriter(tmp_path / "t.parquet", ("a", "b"), ["x", "y.0", "z"], ["linear", "conv", "norm"], chunk_steps=4)
     buffer_bytes = w._values.nbytes
     rng = np.random.default_rng(0)
     rows = [rng.standard_normal((3, 2)).astype(np.float32) for _ in range(10)]
@@ -20,9 +20,10 @@ def test_buffer_is_bounded_and_flushed_in_chunks(tmp_path):
     assert pq.ParquetFile(path).num_row_groups == 3
     trace = read_trace(path)
     assert trace["steps"].tolist() == [s * 5 for s in range(10)]
+    assert trace["modules"].tolist() == ["x", "y.0", "z"] and trace["kinds"].tolist() == ["linear", "conv", "norm"]
     np.testing.assert_array_equal(trace["a"], np.stack([r[:, 0] for r in rows]))
     np.testing.assert_array_equal(trace["b"], np.stack([r[:, 1] for r in rows]))
 
 
 def test_no_rows_no_file(tmp_path):
-    assert TraceWriter(tmp_path / "t.parquet", ("a",), 1).close() is None
+    assert TraceWriter(tmp_path / "t.parquet", ("a",), ["m"], ["linear"]).close() is None

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from src.models.registry import ACTIVATIONS, lookup
-from src.stats.layers import recorded_layers
-from src.stats.names import layer_key
+from src.stats.modules import kind_of, linear_layers
+from src.stats.names import mlp_layer, module_key
 
 N_NODES = 128  # even: no node at 0 (relu's kink); 128 nodes integrate smooth activations to ~1e-12
 
@@ -50,12 +50,22 @@ def depth_scale(chi1: float) -> float:
     return math.inf if chi1 == 1.0 else 1.0 / abs(math.log(chi1))
 
 
+def not_applicable(net: nn.Module) -> str | None:
+    """Why this mean-field theory does not describe `net` (None when it does): it describes stacks of Linear
+    layers, each hidden one followed by an activation (norms and skips are treated as absent)."""
+    kinds = {kind_of(m) for m in net.modules() if any(True for _ in m.parameters(recurse=False))}
+    other = sorted(kinds - {"linear", "norm"})
+    if other:
+        return f"the mean-field theory here describes MLPs; this model has {', '.join(other)} modules"
+    return None
+
+
 def predict(net: nn.Module, x: Tensor, activation: str, activation_params: dict | None = None) -> Prediction:
     """The prediction for `net` (its Linear layers in order, one registry activation after each hidden one)
     as initialised, fed with inputs like `x` ([samples, features]). Call before training."""
     act = lookup(ACTIVATIONS, "activation", activation)
     f = act.make(**(activation_params or {}))
-    linears = recorded_layers(net, "the theory")
+    linears = linear_layers(net)
     if len(linears) < 2:  # no hidden layer (a single Linear): nothing is back-propagated through an activation
         return Prediction([], [], math.nan)
     with torch.no_grad():
@@ -78,22 +88,34 @@ def mean_chi1(chi: list[float]) -> float:
 
 
 def measured_chi1(backprop_norms: np.ndarray) -> np.ndarray:
-    """(||dL/ds_l|| / ||dL/ds_{l+1}||)^2 for each hidden layer l from one step's backprop_norm row."""
+    """(||dL/ds_l|| / ||dL/ds_{l+1}||)^2 for each hidden layer l from one step's backprop_norm of the Linear
+    layers (input first)."""
     bp = np.asarray(backprop_norms, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (bp[:-1] / bp[1:]) ** 2
 
 
 def metrics(pred: Prediction, trace: dict | None) -> dict[str, float]:
-    """MLflow metrics (step 0): theory/chi1/layer_LL, theory/depth_scale, theory/chi1_mean and, from the
-    trace's first recorded step when it is step 0, theory/measured_chi1/layer_LL."""
+    """MLflow metrics (step 0): theory/chi1/<layer>, theory/depth_scale, theory/chi1_mean and, from the
+    trace's first recorded step when it is step 0, theory/measured_chi1/<layer> (the hidden Linear layers)."""
     if not pred.chi1:
         return {}
-    out = {layer_key("theory/chi1", l): c for l, c in enumerate(pred.chi1)}
+    names, bp = linear_columns(trace)
+    if len(names) != len(pred.chi1) + 1:  # the trace does not hold every Linear layer (a narrower selection)
+        names, bp = [mlp_layer(l) for l in range(len(pred.chi1) + 1)], None
+    out = {module_key("theory/chi1", names[l]): c for l, c in enumerate(pred.chi1)}
     out["theory/chi1_mean"] = mean_chi1(pred.chi1)
     out["theory/depth_scale"] = pred.depth_scale if math.isfinite(pred.depth_scale) else 1e300  # MLflow: finite
-    if trace is not None and len(trace["steps"]) and trace["steps"][0] == 0:
-        for l, m in enumerate(measured_chi1(trace["backprop_norm"][0])):
+    if bp is not None and len(trace["steps"]) and trace["steps"][0] == 0:
+        for l, m in enumerate(measured_chi1(bp[0])):
             if math.isfinite(m):
-                out[layer_key("theory/measured_chi1", l)] = float(m)
+                out[module_key("theory/measured_chi1", names[l])] = float(m)
     return out
+
+
+def linear_columns(trace: dict | None) -> tuple[list[str], np.ndarray | None]:
+    """The Linear layers' names and backprop_norm [steps, layers] in the trace (the theory's layers)."""
+    if trace is None:
+        return [], None
+    keep = np.flatnonzero(np.asarray(trace["kinds"]) == "linear")
+    return [str(trace["modules"][j]) for j in keep], trace["backprop_norm"][:, keep]

@@ -1,24 +1,23 @@
 """How GradientStatsCallback records the activation statistics (act_mean, act_std, act_saturation): two
 strategies behind one protocol, chosen after the first recorded step has shown which activation follows
-which layer.
+which module.
 
-  layers        the layers that have an activation, in the order of flush()'s rows
+  layers        the modules (indexes) that have an activation, in the order of flush()'s rows
   capacity      steps it can hold
   capture(k, taps)  at the end of a recorded step, into slot k
   flush(n)      [n, len(layers), 3] float32 for the steps in slots 0..n-1
-- KernelActivations: every activation is one the compiled kernel knows (identity, ReLU, sigmoid, tanh) and
-  its outputs are float32 on the CPU: one kernel call reduces the outputs at each step's end.
+- KernelActivations: every activation is a module the compiled kernel knows (identity, ReLU, sigmoid, tanh)
+  and its outputs are float32 on the CPU: one kernel call reduces the outputs at each step's end.
 - BufferedActivations: otherwise the pre-activations are copied into ring buffers, grouped by activation,
   batch and width, and f(s) is recomputed from them at flush (the same op on the same input).
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from src.callbacks.recorders import RING_MAX_NUMEL
-from src.callbacks.taps import LayerTaps
-from src.models.registry import ACTIVATION_BY_TYPE
+from src.callbacks.taps import ActivationUse, ModuleTaps
 from src.stats import fused
 from src.stats import reductions as stats
 
@@ -27,13 +26,14 @@ from src.stats import reductions as stats
 ACT_CHUNK_NUMEL = 1 << 21
 
 
-def activation_recorder(taps: LayerTaps, lib, threshold: float, capacity: int, device):
-    """The strategy for what the taps saw on the first recorded step (None: no activation module ran). Drops
+def activation_recorder(taps: ModuleTaps, lib, threshold: float, capacity: int, device):
+    """The strategy for what the taps saw on the first recorded step (None: no activation was seen). Drops
     the activation hooks when the strategy no longer needs them."""
     idx = sorted(taps.act_of)
-    entries = [ACTIVATION_BY_TYPE[type(taps.act_of[i])] for i in idx]
+    entries = [taps.act_of[i].entry for i in idx]
+    outs = [taps.act_out[i] for i in idx]
     if lib is not None and idx and all(e.kernel_kind is not None for e in entries) and all(
-            taps.act_out[i].device.type == "cpu" and taps.act_out[i].dtype == torch.float32 for i in idx):
+            a is not None and a.device.type == "cpu" and a.dtype == torch.float32 for a in outs):
         return KernelActivations(lib, idx, [e.kernel_kind for e in entries],
                                  [threshold * e.max_derivative for e in entries], capacity)
     recorder = BufferedActivations(taps, idx, threshold, capacity, device) if idx else None
@@ -50,7 +50,7 @@ class KernelActivations:
         self._kernel = fused.ActivationPass(lib, kinds, limits)
         self._sums = torch.zeros(capacity, len(layers), len(stats.FUSED_ACT_SUMS), dtype=torch.float64)
 
-    def capture(self, k: int, taps: LayerTaps) -> None:
+    def capture(self, k: int, taps: ModuleTaps) -> None:
         self._kernel([taps.act_out[i] for i in self.layers], self._sums[k])
 
     def flush(self, n: int) -> Tensor:
@@ -58,25 +58,23 @@ class KernelActivations:
 
 
 class _Group:
-    """Layers with the same activation (type and options), batch and width: one ring buffer of their
-    pre-activations [capacity, layers, batch, width]."""
+    """Modules with the same activation (function and options), rows and width: one ring buffer of their
+    pre-activations [capacity, modules, rows, width]."""
 
-    def __init__(self, layers: list[int], module: nn.Module, buf: Tensor):
+    def __init__(self, layers: list[int], use: ActivationUse, buf: Tensor):
         self.layers, self.buf = layers, buf
-        self.entry = ACTIVATION_BY_TYPE[type(module)]
-        # an in-place activation (ReLU(inplace=True)) would overwrite the buffer it reads: give it a copy
-        self.f = (lambda s: module(s.clone())) if getattr(module, "inplace", False) else module.forward
+        self.entry, self.f = use.entry, use.f
 
 
 class BufferedActivations:
     name = "buffered"
 
-    def __init__(self, taps: LayerTaps, idx: list[int], threshold: float, capacity: int, device):
+    def __init__(self, taps: ModuleTaps, idx: list[int], threshold: float, capacity: int, device):
         self.threshold, self.device = threshold, device
         by_key: dict[tuple, list[int]] = {}
         for i in idx:  # registry activations hold no weights: the same type and options are the same f
-            pre, m = taps.pre[i].detach(), taps.act_of[i]
-            key = (type(m), m.extra_repr(), pre.numel() // pre.shape[-1], pre.shape[-1], pre.dtype)
+            pre = taps.pre[i].detach()
+            key = (taps.act_of[i].key, pre.numel() // pre.shape[-1], pre.shape[-1], pre.dtype)
             by_key.setdefault(key, []).append(i)
         per_step = sum(len(g) * taps.pre[g[0]].numel() for g in by_key.values())
         # big batches x wide layers: buffer fewer steps (the gradient buffers are then only part-used)
@@ -105,7 +103,7 @@ class BufferedActivations:
             grp.buf[:, :, :old.shape[2]] = old
         self._views()
 
-    def capture(self, k: int, taps: LayerTaps) -> None:
+    def capture(self, k: int, taps: ModuleTaps) -> None:
         """Copy the step's pre-activations (the last micro-batch's) into slot k, in one op."""
         pres = [taps.pre[i] for i in self.layers]
         pres = [p if p is None or p.dim() == 2 else p.flatten(0, -2) for p in pres]

@@ -1,14 +1,15 @@
-"""How GradientStatsCallback records the weights' statistics: three strategies behind one protocol, one chosen
-when fit starts for the model as trained; and the back-propagated signal's norms.
+"""How GradientStatsCallback records the weight family: three strategies behind one protocol, one chosen when
+fit starts for the model as trained; and the back-propagated signal's norms.
 
-Every strategy keeps `capacity` steps in slots 0..capacity-1:
-  before_step(k, step, grads)  before optimizer step `step`: its gradients (and what the update needs)
+A recorded module's weight family covers one or more tensors (a Linear's weight; an LSTM's input and
+recurrent weights), taken together as one. Every strategy keeps `capacity` steps in slots 0..capacity-1:
+  before_step(k, step, grads)  before optimizer step `step`: its gradients, one per tensor of `tensors`
   after_step(k, step)          after it: the weights and the step taken
-  flush(n)                     [n, layers, 9] float32: grad_* and grad_nonfinite, then weight_* and
+  flush(n)                     [n, modules, 9] float32: grad_* and grad_nonfinite, then weight_* and
                                update_ratio (src.stats.names), of the steps in slots 0..n-1
   close()
 - FusedParams: float32 weights on the CPU with the compiled kernel: one read of each tensor per pass, and
-  only a row of sums per layer and step is kept.
+  only a row of sums per module and step is kept.
 - StackedParams: small nets elsewhere (a GPU, other dtypes, no C compiler): each step's gradients and
   weights before and after are copied into ring buffers and reduced at flush in a few stacked ops, since
   there the dispatch of many small ops costs more than their arithmetic.
@@ -24,7 +25,7 @@ from src.stats import fused
 from src.stats import reductions as stats
 from src.stats.names import GRAD_STATS
 
-# Gradients and weights are buffered (and reduced at flush) when all layers zero-padded to the largest one
+# Gradients and weights are buffered (and reduced at flush) when all modules zero-padded to the largest one
 # hold at most this many elements: there per-op dispatch dominates. Above it, copying them costs more than
 # reducing them at once.
 STACK_MAX_NUMEL = 1 << 17
@@ -40,28 +41,35 @@ def gradients(weights: list[Tensor]) -> list[Tensor]:
     return [w.grad if w.grad is not None else torch.zeros_like(w) for w in weights]
 
 
-def param_recorder(weights: list[Tensor], ring_steps: int | None = None):
-    """The strategy for these weights as they are now (after Lightning moved and converted the model)."""
-    numel = [w.numel() for w in weights]
-    lib = fused.library() if fused.eligible(weights) else None
+def param_recorder(groups: list[list[Tensor]], ring_steps: int | None = None):
+    """The strategy for these modules' tensors (`groups[i]`: module i's) as they are now, after Lightning
+    moved and converted the model."""
+    flat = [t for g in groups for t in g]
+    numel = [sum(t.numel() for t in g) for g in groups]
+    lib = fused.library() if fused.eligible(flat) else None
     if lib is not None:
-        return FusedParams(weights, ring_steps or MAX_RING_STEPS, lib)
-    if len(weights) * max(numel) <= STACK_MAX_NUMEL:
-        per_step = 3 * len(weights) * max(numel)
-        return StackedParams(weights, ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // per_step)))
-    return PerTensorParams(weights, ring_steps or MAX_RING_STEPS)
+        return FusedParams(groups, ring_steps or MAX_RING_STEPS, lib)
+    if len(groups) * max(numel) <= STACK_MAX_NUMEL:
+        per_step = 3 * len(groups) * max(numel)
+        return StackedParams(groups, ring_steps or max(1, min(MAX_RING_STEPS, RING_MAX_NUMEL // per_step)))
+    return PerTensorParams(groups, ring_steps or MAX_RING_STEPS)
+
+
+def _owners(groups: list[list[Tensor]]) -> list[int]:
+    return [i for i, g in enumerate(groups) for _ in g]
 
 
 class FusedParams:
     name = "fused"
 
-    def __init__(self, weights: list[Tensor], capacity: int, lib):
-        self.weights, self.capacity, self.lib = weights, capacity, lib
-        self._numel = torch.tensor([w.numel() for w in weights], dtype=torch.float64)
+    def __init__(self, groups: list[list[Tensor]], capacity: int, lib):
+        self.tensors = [t for g in groups for t in g]
+        self.capacity, self.lib, n = capacity, lib, len(groups)
+        self._numel = torch.tensor([sum(t.numel() for t in g) for g in groups], dtype=torch.float64)
         # keeps the weights before the step itself, unless its last weight pass left them in place
-        self._passes = fused.FusedPasses(lib, weights, threads=torch.get_num_threads())
-        self._grad_sums = torch.zeros(capacity, len(weights), len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
-        self._weight_sums = torch.zeros(capacity, len(weights), len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
+        self._passes = fused.FusedPasses(lib, self.tensors, threads=torch.get_num_threads(), owner=_owners(groups))
+        self._grad_sums = torch.zeros(capacity, n, len(stats.FUSED_GRAD_SUMS), dtype=torch.float64)
+        self._weight_sums = torch.zeros(capacity, n, len(stats.FUSED_WEIGHT_SUMS), dtype=torch.float64)
 
     def before_step(self, k: int, step: int, grads: list[Tensor]) -> None:
         self._passes.grad_pass(grads, self._grad_sums[k], step)
@@ -80,30 +88,36 @@ class FusedParams:
 class StackedParams:
     name = "stacked"
 
-    def __init__(self, weights: list[Tensor], capacity: int):
-        self.weights, self.capacity, self.lib = weights, capacity, None
-        numel = [w.numel() for w in weights]
-        dev, width = weights[0].device, max(numel)
+    def __init__(self, groups: list[list[Tensor]], capacity: int):
+        self.tensors, self.capacity, self.lib = [t for g in groups for t in g], capacity, None
+        self._modules = len(groups)
+        numel = [sum(t.numel() for t in g) for g in groups]
+        dev, width = self.tensors[0].device, max(numel)
         self._numel = torch.tensor(numel, dtype=torch.float64, device=dev)
-        self._g, self._wb, self._wa = (torch.zeros(capacity, len(weights), width, device=dev) for _ in range(3))
+        self._g, self._wb, self._wa = (torch.zeros(capacity, len(groups), width, device=dev) for _ in range(3))
+        # each tensor's place in its module's row: the module's tensors one after another, padding zero
+        place, offset = [], {}
+        for i, t in zip(_owners(groups), self.tensors):
+            a = offset.get(i, 0)
+            place.append((i, a, t))
+            offset[i] = a + t.numel()
 
-        def views(buf):  # per slot, each layer's part of the buffer shaped like its weight; padding stays zero
-            return [[buf[k, i, :n].view_as(w) for i, (n, w) in enumerate(zip(numel, weights))]
-                    for k in range(capacity)]
+        def views(buf):  # per slot, each tensor's part of the buffer shaped like it
+            return [[buf[k, i, a:a + t.numel()].view_as(t) for i, a, t in place] for k in range(capacity)]
 
         self._g_at, self._wb_at, self._wa_at = views(self._g), views(self._wb), views(self._wa)
 
     def before_step(self, k: int, step: int, grads: list[Tensor]) -> None:
         torch._foreach_copy_(self._g_at[k], grads)
-        torch._foreach_copy_(self._wb_at[k], self.weights)
+        torch._foreach_copy_(self._wb_at[k], self.tensors)
 
     def after_step(self, k: int, step: int) -> None:
-        torch._foreach_copy_(self._wa_at[k], self.weights)
+        torch._foreach_copy_(self._wa_at[k], self.tensors)
 
     def flush(self, n: int) -> Tensor:
         g = self._g[:n]
         grad = stats.stacked_gradient_stats(g, self._numel)
-        nonfinite = torch.zeros(n, len(self.weights), 1, device=grad.device)
+        nonfinite = torch.zeros(n, self._modules, 1, device=grad.device)
         broken = (~torch.isfinite(grad[..., 0]).all(dim=1)).nonzero().squeeze(1)
         if len(broken):  # rare: pay for counting the NaN/Inf entries, and the zeros exactly
             nonfinite[broken, :, 0] = stats.stacked_nonfinite_counts(g[broken])
@@ -118,14 +132,27 @@ class StackedParams:
 class PerTensorParams:
     name = "per_tensor"
 
-    def __init__(self, weights: list[Tensor], capacity: int):
-        self.weights, self.capacity, self.lib = weights, capacity, None
-        dev = weights[0].device
-        self._grad_rows = torch.zeros(capacity, len(weights), 6, device=dev)
-        self._weight_rows = torch.zeros(capacity, len(weights), 3, device=dev)
+    def __init__(self, groups: list[list[Tensor]], capacity: int):
+        self.tensors, self.capacity, self.lib = [t for g in groups for t in g], capacity, None
+        self._sizes = [len(g) for g in groups]
+        dev = self.tensors[0].device
+        self._grad_rows = torch.zeros(capacity, len(groups), 6, device=dev)
+        self._weight_rows = torch.zeros(capacity, len(groups), 3, device=dev)
         self._before: list[Tensor] | None = None
 
+    def _by_module(self, tensors: list[Tensor]) -> list[Tensor]:
+        """One tensor per module: its own, or its tensors flattened into one (a copy, for modules of several)."""
+        if len(tensors) == len(self._sizes):
+            return tensors
+        out, at = [], 0
+        for n in self._sizes:
+            part = tensors[at:at + n]
+            out.append(part[0] if n == 1 else torch.cat([t.reshape(-1) for t in part]))
+            at += n
+        return out
+
     def before_step(self, k: int, step: int, grads: list[Tensor]) -> None:
+        grads = self._by_module(grads)
         rows = stats.gradient_stats(grads)
         nonfinite = torch.zeros(len(grads), 1, device=rows.device)
         if not torch.isfinite(rows[:, 0]).all():  # rare: pay for counting NaN/Inf entries (a host sync)
@@ -133,13 +160,13 @@ class PerTensorParams:
             rows[:, ZERO_FRAC] = stats.zero_fractions(grads)
         torch.cat([rows, nonfinite], dim=1, out=self._grad_rows[k])
         if self._before is None:  # the optimizer changes the weights in place: keep the pre-step copy
-            self._before = [w.detach().clone() for w in self.weights]
+            self._before = [w.detach().clone() for w in self.tensors]
         else:
-            torch._foreach_copy_(self._before, self.weights)
+            torch._foreach_copy_(self._before, self.tensors)
 
     def after_step(self, k: int, step: int) -> None:
-        torch._foreach_sub_(self._before, self.weights)  # in place: W_before - W_after, no allocation
-        self._weight_rows[k] = stats.weight_stats(self.weights, self._before)
+        torch._foreach_sub_(self._before, self.tensors)  # in place: W_before - W_after, no allocation
+        self._weight_rows[k] = stats.weight_stats(self._by_module(self.tensors), self._by_module(self._before))
 
     def flush(self, n: int) -> Tensor:
         return torch.cat([self._grad_rows[:n], self._weight_rows[:n]], dim=2)
@@ -149,24 +176,28 @@ class PerTensorParams:
 
 
 class SignalNorms:
-    """||dL/ds||^2 of every layer's output per step, summed over the step's micro-batches in float64."""
+    """||dL/ds||^2 of every module's output per step, summed over the step's micro-batches (and over the
+    calls of a module that runs more than once) in float64."""
 
-    def __init__(self, capacity: int, n_layers: int, device, lib=None):
-        self._sq = torch.zeros(capacity, n_layers, dtype=torch.float64, device=device)
+    def __init__(self, capacity: int, n_modules: int, device, lib=None):
+        self._sq = torch.zeros(capacity, n_modules, dtype=torch.float64, device=device)
         self._rows = list(self._sq.unbind(0))
-        self._kernel = fused.SquareSums(lib, n_layers) if lib is not None else None
+        self._kernel = fused.SquareSums(lib, n_modules) if lib is not None else None
 
     def zero(self, k: int) -> None:
         self._rows[k].zero_()
 
-    def add(self, k: int, signals: list[Tensor | None]) -> None:
+    def add(self, k: int, signals: list[list[Tensor]]) -> None:
+        """signals[i]: module i's signal tensors of this backward (empty: the loss did not reach it)."""
         row = self._rows[k]
-        if any(g is None for g in signals):
-            # a layer the loss does not reach (frozen, unused): no signal, NaN rather than a made-up 0
-            for i, g in enumerate(signals):
-                row[i] = float("nan") if g is None else row[i] + g.double().square().sum()
-        elif not (self._kernel is not None and self._kernel(signals, row)):  # float32 CPU: the kernel
-            norms = torch.stack(torch._foreach_norm(signals))
+        if any(len(s) != 1 for s in signals):
+            # a module the loss does not reach (frozen, unused): no signal, NaN rather than a made-up 0
+            for i, s in enumerate(signals):
+                row[i] = float("nan") if not s else row[i] + sum(g.double().square().sum() for g in s)
+            return
+        flat = [s[0] for s in signals]
+        if not (self._kernel is not None and self._kernel(flat, row)):  # float32 CPU: the kernel
+            norms = torch.stack(torch._foreach_norm(flat))
             row.addcmul_(norms, norms)  # into float64
 
     def flush(self, n: int, inv_scale: list[float]) -> Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -76,6 +77,14 @@ ACTIVATIONS: dict[str, Activation] = {
 
 # nn.Module class -> registry entry, so the statistics can recognise activations in any user model.
 ACTIVATION_BY_TYPE: dict[type, Activation] = {a.make: a for a in ACTIVATIONS.values()}
+# The same activations as functions, as torch's transformer layers apply them (activation="relu" or F.gelu):
+# only where the statistics know which module's output they are applied to (src/callbacks/taps.py).
+ACTIVATION_BY_FUNCTION: dict[Callable, Activation] = {
+    F.relu: ACTIVATIONS["relu"], torch.relu: ACTIVATIONS["relu"], F.gelu: ACTIVATIONS["gelu"],
+    torch.tanh: ACTIVATIONS["tanh"], F.tanh: ACTIVATIONS["tanh"], torch.sigmoid: ACTIVATIONS["sigmoid"],
+    F.sigmoid: ACTIVATIONS["sigmoid"], F.elu: ACTIVATIONS["elu"], F.selu: ACTIVATIONS["selu"],
+    F.softsign: ACTIVATIONS["softsign"],
+}
 
 
 def activation(name: str, **params) -> nn.Module:
@@ -104,6 +113,26 @@ INITS: dict[str, Callable[..., None]] = {
 def init_fn(name: str, **params) -> Callable[[Tensor], None]:
     fn = lookup(INITS, "init", name)
     return lambda w: fn(w, **params)
+
+
+# The modules whose weight matrices an init fills (and whose biases it zeroes): those that mix their inputs.
+# Embeddings are lookup tables and norms start as the identity; both keep torch's init.
+INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
+
+
+def init_weights(net: nn.Module, name: str, **params) -> None:
+    """Fill every weight matrix (or kernel) of net's INIT_TYPES modules with init `name` and zero their
+    biases; torch_default changes nothing (PyTorch's own init, biases included)."""
+    fill = init_fn(name, **params)
+    if name == "torch_default":
+        return
+    for m in net.modules():
+        if isinstance(m, INIT_TYPES):
+            for pname, p in m.named_parameters(recurse=False):
+                if p.dim() >= 2:
+                    fill(p)
+                elif "bias" in pname:
+                    nn.init.zeros_(p)
 
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from src.stats.names import LAYER, layer_key
+from src.stats.names import layer_key, mlp_layer
 
 Row = dict  # {"name", "params", "tags", "metrics", "history": callable(key) -> [(step, value)], "status"}
 
@@ -92,6 +92,6 @@ def ratio_of_medians(r: Row) -> str:
 def top_hidden(r: Row, stat: str) -> float | None:
     """Median over the logged steps of `stat` in the last hidden layer (the paper's Fig. 2: sigmoid's top
     hidden layer is driven to 0)."""
-    n = sum(1 for k in r["metrics"] if k.startswith(stat + LAYER))
+    n = sum(1 for k in r["metrics"] if k.startswith(f"{stat}/{mlp_layer(0)[:-2]}"))  # the MLP's layer_LL keys
     h = sorted(v for _, v in r["history"](layer_key(stat, n - 1))) if n else []
     return h[len(h) // 2] if h else None

@@ -127,9 +127,9 @@ class _Group:
 
 
 def _combine(rows: Tensor, layer_of: Tensor, lengths: Tensor, layers: int, maxed: tuple[int, ...]) -> Tensor:
-    """Per-piece sums [P, C] into per-layer ones [layers, C]. Columns 0-2 (shift, shifted sum and sum of
-    squares) are re-shifted to the shift of each layer's first piece; columns in `maxed` take the max, the
-    others add up."""
+    """Per-piece sums [P, C] into per-module ones [layers, C] (`layer_of`: each piece's module). Columns 0-2
+    (shift, shifted sum and sum of squares) are re-shifted to the shift of each module's first piece; columns
+    in `maxed` take the max, the others add up."""
     P = rows.shape[0]
     first = torch.full((layers,), P, dtype=torch.int64).scatter_reduce(0, layer_of, torch.arange(P), "amin")
     shift, total, total_sq = rows[:, 0], rows[:, 1], rows[:, 2]
@@ -147,10 +147,11 @@ def _combine(rows: Tensor, layer_of: Tensor, lengths: Tensor, layers: int, maxed
 
 
 class FusedPasses:
-    """The two passes over fixed layers (the weights' storage must not move; gradients may be new tensors
-    each step). Each pass writes a contiguous float64 row of sums per layer into `out`, the columns of
-    stats.FUSED_GRAD_SUMS and stats.FUSED_WEIGHT_SUMS. With `threads` > 1, big layers are split into
-    pieces reduced on that many threads (torch's own are idle between backward and the optimizer step).
+    """The two passes over fixed tensors (the weights' storage must not move; gradients may be new tensors
+    each step). Each pass writes a contiguous float64 row of sums per module into `out`, the columns of
+    stats.FUSED_GRAD_SUMS and stats.FUSED_WEIGHT_SUMS; `owner[i]` is the module (row) of weights[i], one
+    tensor per module by default. With `threads` > 1, big tensors are split into pieces reduced on that many
+    threads (torch's own are idle between backward and the optimizer step).
 
     The update is W after the step minus `prev`. weight_pass leaves the weights in `prev`; the next step's
     grad_pass copies them again only when they may have changed since: the previous step was not recorded,
@@ -158,9 +159,10 @@ class FusedPasses:
     Writes through `param.data` bump no counter: such an edit between two recorded steps counts as part of
     the second one's update."""
 
-    def __init__(self, lib: ctypes.CDLL, weights: list[Tensor], threads: int = 1):
+    def __init__(self, lib: ctypes.CDLL, weights: list[Tensor], threads: int = 1, owner: list[int] | None = None):
         self.lib, self.weights = lib, weights
-        L_ = len(weights)
+        owner = list(range(len(weights))) if owner is None else owner
+        self._rows = max(owner) + 1
         self.prev = [torch.empty_like(w) for w in weights]  # the weights before the step
         numel = [w.numel() for w in weights]
         threads = threads if sum(numel) >= PARALLEL_MIN_NUMEL else 1
@@ -175,13 +177,14 @@ class FusedPasses:
             j = load.index(min(load))
             groups[j].append(piece)
             load[j] += piece[2]
-        self._whole = len(pieces) == L_ and len(groups) == 1  # one call writes the caller's rows directly
+        # one call writes the caller's rows directly: one piece per module, in module order, on one thread
+        self._whole = len(pieces) == self._rows and len(groups) == 1 and owner == list(range(self._rows))
         if self._whole:
-            groups = [pieces]  # in layer order
+            groups = [pieces]  # in module order
         self._groups = [_Group(g, weights, self.prev) for g in groups]
         self._pool = ThreadPoolExecutor(len(groups) - 1, "gradflow-fused") if len(groups) > 1 else None
         order = [p for g in groups for p in g]
-        self._layer_of = torch.tensor([i for i, _, _ in order])
+        self._layer_of = torch.tensor([owner[i] for i, _, _ in order])
         self._lengths = torch.tensor([m for _, _, m in order], dtype=torch.float64)
         self._w_at = self._ptrs(weights)
         self._after: int | None = None  # the step whose weights `prev` holds, and their versions then
@@ -211,7 +214,7 @@ class FusedPasses:
             f.result()
 
     def _gather(self, outs: list[Tensor], out: Tensor, maxed: tuple[int, ...]) -> None:
-        out.copy_(_combine(torch.cat(outs), self._layer_of, self._lengths, len(self.weights), maxed))
+        out.copy_(_combine(torch.cat(outs), self._layer_of, self._lengths, self._rows, maxed))
 
     def grad_pass(self, grads: list[Tensor], out: Tensor, step: int) -> None:
         """Before optimizer step `step` (steps count up by one)."""

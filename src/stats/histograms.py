@@ -1,8 +1,8 @@
 """Per-layer histograms of log10|value|: the binning (a pure function: fixed bins, exact zeros and NaN/Inf
 counted apart) and the Parquet file they are kept in.
 
-The file has one row per (step, layer, quantity) with columns `step`, `layer`, `quantity` (grad | backprop |
-act), one count column per bin (`bin_00` ... holding log10|x| in [EDGES[i], EDGES[i+1]); the first and last
+The file has one row per (step, module, quantity) with columns `step`, `layer` (the module's index), `module`
+(its path), `quantity` (grad | backprop | act), one count column per bin (`bin_00` ... holding log10|x| in [EDGES[i], EDGES[i+1]); the first and last
 bins also take everything below/above the range), `zeros` and `nonfinite`; the bin edges are in its metadata.
 """
 from __future__ import annotations
@@ -63,18 +63,18 @@ class HistogramWriter:
     def row_groups(self) -> int:
         return self._file.row_groups
 
-    def append(self, step: int, layer: int, quantity: str, counts: np.ndarray) -> None:
-        self._rows.append((step, layer, quantity, counts))
+    def append(self, step: int, layer: int, module: str, quantity: str, counts: np.ndarray) -> None:
+        self._rows.append((step, layer, module, quantity, counts))
         if len(self._rows) >= self.chunk_rows:
             self.flush()
 
     def flush(self) -> None:
         if not self._rows:
             return
-        counts = np.stack([r[3] for r in self._rows])
+        counts = np.stack([r[4] for r in self._rows])
         cols = {"step": np.array([r[0] for r in self._rows], dtype=np.int64),
                 "layer": np.array([r[1] for r in self._rows], dtype=np.int16),
-                "quantity": [r[2] for r in self._rows]}
+                "module": [r[2] for r in self._rows], "quantity": [r[3] for r in self._rows]}
         cols.update({c: counts[:, j] for j, c in enumerate(BIN_COLUMNS)})
         cols["zeros"], cols["nonfinite"] = counts[:, N_BINS], counts[:, N_BINS + 1]
         self._file.write(pa.table(cols).replace_schema_metadata({"log10_edges": ",".join(f"{e:g}" for e in EDGES)}))
@@ -87,11 +87,12 @@ class HistogramWriter:
 
 
 def read_histograms(path: str | Path) -> dict[str, dict]:
-    """{quantity: {"steps": [T], "layers": [L], "counts": [T, L, n_bins] int64, "zeros": [T, L],
-    "nonfinite": [T, L]}}, missing (step, layer) cells as zeros; plus "edges" at the top level."""
+    """{quantity: {"steps": [T], "layers": [L], "modules": [L], "counts": [T, L, n_bins] int64, "zeros":
+    [T, L], "nonfinite": [T, L]}}, missing (step, layer) cells as zeros; plus "edges" at the top level."""
     table = pq.read_table(path)
     out: dict[str, dict] = {"edges": EDGES}
-    step, layer, quantity = (table[c].to_numpy(zero_copy_only=False) for c in ("step", "layer", "quantity"))
+    step, layer, quantity, module = (table[c].to_numpy(zero_copy_only=False)
+                                     for c in ("step", "layer", "quantity", "module"))
     counts = np.stack([table[c].to_numpy() for c in (*BIN_COLUMNS, "zeros", "nonfinite")], axis=1)
     for q in QUANTITIES:
         sel = quantity == q
@@ -100,6 +101,8 @@ def read_histograms(path: str | Path) -> dict[str, dict]:
         steps, layers = np.unique(step[sel]), np.unique(layer[sel])
         m = np.zeros((len(steps), len(layers), N_BINS + 2), dtype=np.int64)
         m[np.searchsorted(steps, step[sel]), np.searchsorted(layers, layer[sel])] = counts[sel]
-        out[q] = {"steps": steps, "layers": layers, "counts": m[..., :N_BINS], "zeros": m[..., N_BINS],
+        names = {int(i): str(n) for i, n in zip(layer[sel], module[sel])}
+        out[q] = {"steps": steps, "layers": layers, "modules": [names[int(i)] for i in layers],
+                  "counts": m[..., :N_BINS], "zeros": m[..., N_BINS],
                   "nonfinite": m[..., N_BINS + 1]}
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.stats.names import is_layer_key
+from src.stats.names import is_module_key
 from src.tracking.writer import AsyncRunWriter
 
 
@@ -27,7 +27,7 @@ class MlflowAsyncLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         step = int(step or 0)
         for k, v in metrics.items():
-            if not is_layer_key(k):
+            if not is_module_key(k):
                 self.history.setdefault(k, []).append((step, float(v)))
         self.writer.log_metrics(metrics, step)
 
