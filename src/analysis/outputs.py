@@ -12,23 +12,25 @@ from src.analysis import plots
 from src.callbacks import artifacts_of
 from src.callbacks.weight_change import read_weight_change
 from src.stats.histograms import read_histograms
-from src.stats.trace import read_trace
+from src.stats.trace import read_time_trace, read_trace
 
 
 def record(upload: Callable[[Path, str], None], callbacks: list, history: dict, out_dir: Path, title: str,
-           chi1: list[float] | None, draw: bool, steps_per_epoch: Callable[[], int] | None) -> dict | None:
+           chi1: list[float] | None, draw: bool, steps_per_epoch: Callable[[], int] | None
+           ) -> tuple[dict | None, dict | None]:
     """Upload the callbacks' files under trace/ and, with `draw`, the figures under plots/; with
     `steps_per_epoch` (asked only now, when the trainer knows it), the per-epoch statistics too. Returns the
-    trace as read back (None without one)."""
+    trace and the signal through time as read back (None without them)."""
     files = artifacts_of(callbacks)
     for path in files.values():
         upload(path, "trace")
     trace = read_trace(files["trace"]) if "trace" in files else None
+    through_time = read_time_trace(files["time_trace"]) if "time_trace" in files else None
     if draw:
         try:
             hist = read_histograms(files["histograms"]) if "histograms" in files else None
             change = read_weight_change(files["weight_change"]) if "weight_change" in files else None
-            for path in plots.draw_all(trace, history, out_dir / "plots", title, chi1, hist, change):
+            for path in plots.draw_all(trace, history, out_dir / "plots", title, chi1, hist, change, through_time):
                 upload(path, "plots")
         except Exception as e:  # noqa: BLE001
             print(f"plots: could not draw the figures: {e}", file=sys.stderr)
@@ -40,4 +42,4 @@ def record(upload: Callable[[Path, str], None], callbacks: list, history: dict, 
                 upload(path, folder)
         except Exception as e:  # noqa: BLE001
             print(f"extras: could not write the per-epoch statistics: {e}", file=sys.stderr)
-    return trace
+    return trace, through_time

@@ -1,13 +1,13 @@
-"""GradientStatsCallback: every `every_n_steps` optimizer steps, the per-layer statistics (src.stats.names) of
-every recorded layer (src.stats.layers) into the dense trace and, every `log_every_n_steps` steps, to the
+"""GradientStatsCallback: every `every_n_steps` optimizer steps, the per-module statistics (src.stats.names) of
+every recorded module (src.stats.modules) into the dense trace and, every `log_every_n_steps` steps, to the
 Trainer's loggers, whatever they are (this module imports no tracker).
 
 The callback decides *when*: which steps are recorded, when the buffered steps become statistics (when the
 buffers are full and when training ends), and that each reaches the loggers with its own step number. What
 a step shows comes from the taps (taps.py); how it is kept and reduced, from strategies chosen once for the
-model as trained (recorders.py for the weights and the signal, activations.py for the activations).
-Weight gradients are read at `on_before_optimizer_step`: accumulated over micro-batches, unscaled under
-mixed precision, before clipping.
+model as trained (recorders.py for the weights and the signal, activations.py for the activations); what
+recurrent modules show through time, from through_time.py. Weight gradients are read at
+`on_before_optimizer_step`: accumulated over micro-batches, unscaled under mixed precision, before clipping.
 """
 from __future__ import annotations
 
@@ -18,12 +18,18 @@ import torch
 
 from src.callbacks.activations import activation_recorder
 from src.callbacks.recorders import SignalNorms, gradients, param_recorder
-from src.callbacks.taps import LayerTaps
-from src.stats.layers import recorded_layers
-from src.stats.names import ACT_STATS, GRAD_STATS, LAYER_STATS, layer_metrics
+from src.callbacks.taps import ModuleTaps
+from src.callbacks.through_time import ThroughTime
+from src.stats.modules import LAYER_KINDS, recorded_modules
+from src.stats.names import ACT_STATS, GRAD_STATS, LAYER_STATS, module_metrics
 from src.stats.trace import TraceWriter
 
 GRAD_COLUMNS = len(GRAD_STATS) + 1  # and grad_nonfinite: the first columns of a recorder's flush
+
+
+def _positive(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"stats.{name} must be a positive integer, got {v!r}")
 
 
 class GradientStatsCallback(L.Callback):
@@ -35,11 +41,15 @@ class GradientStatsCallback(L.Callback):
         trace_chunk_steps: int = 1024,
         trace_path: str | Path | None = None,  # None: trace.parquet in the Trainer's default_root_dir
         ring_steps: int | None = None,          # steps buffered before a flush; None: chosen for the model
+        include: list[str] | None = None,       # regular expressions on module paths (src/stats/modules.py)
+        exclude: list[str] | None = None,
+        types: list[str] | None = None,         # kinds of modules to record (src.stats.modules.KINDS)
+        time_every_n_steps: int | None = None,  # the signal through time of recurrent modules; None: at logging
     ):
         for name, v in (("every_n_steps", every_n_steps), ("log_every_n_steps", log_every_n_steps),
-                        ("trace_chunk_steps", trace_chunk_steps), ("ring_steps", ring_steps or 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"stats.{name} must be a positive integer, got {v!r}")
+                        ("trace_chunk_steps", trace_chunk_steps), ("ring_steps", ring_steps or 1),
+                        ("time_every_n_steps", time_every_n_steps or 1)):
+            _positive(name, v)
         if not 0.0 < saturation_threshold < 1.0:
             raise ValueError(f"stats.saturation_threshold must be in (0, 1), got {saturation_threshold!r}")
         if log_every_n_steps % every_n_steps:
@@ -49,28 +59,40 @@ class GradientStatsCallback(L.Callback):
             )
         self.every_n_steps, self.log_every_n_steps = every_n_steps, log_every_n_steps
         self.threshold, self.trace_chunk_steps, self.ring_steps = saturation_threshold, trace_chunk_steps, ring_steps
+        self.selection = {"include": include, "exclude": exclude, "types": types}
+        self.time_every_n_steps = time_every_n_steps or log_every_n_steps
         self.trace_path = Path(trace_path) if trace_path else None
-        self.taps: LayerTaps | None = None
-        self.params = self.signals = self.activations = self.trace = None
+        self.taps: ModuleTaps | None = None
+        self.params = self.signals = self.activations = self.trace = self.through_time = None
         self._steps: list[int] = []          # the recorded steps in the buffers, slot by slot
         self._inv_scale: list[float] = []    # per slot: 1 / the loss scale of mixed precision
         self._step: int | None = None        # the optimizer step being recorded
         self._stepped = False                # the optimizer has stepped for it (not mid-accumulation)
 
+    def select(self, model) -> list:
+        """The modules this callback records in `model` (src.stats.modules.NothingToRecord if none)."""
+        return recorded_modules(model, **self.selection, who=type(self).__name__)
+
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
-            self.layers = recorded_layers(pl_module, type(self).__name__)
-            self.taps = LayerTaps(pl_module, self.layers).attach()
-            self._discovering = True  # the first recorded step shows which activation follows which layer
+            self.recorded = self.select(pl_module)
+            self.modules = [r.path for r in self.recorded]
+            self.layers = [i for i, r in enumerate(self.recorded) if r.kind in LAYER_KINDS]
+            self.taps = ModuleTaps(pl_module, self.recorded).attach()
+            self.through_time = ThroughTime(pl_module, self.recorded)
+            self._discovering = True  # the first recorded step shows which activation follows which module
 
     def on_fit_start(self, trainer, pl_module):
         """The strategies are chosen here, not in setup: Lightning moves and converts the model in between."""
-        weights = [layer.weight for layer in self.layers]
-        self.params = param_recorder(weights, self.ring_steps)
+        groups = [r.params for r in self.recorded]
+        self.params = param_recorder(groups, self.ring_steps)
         self.capacity = self.params.capacity
-        self.signals = SignalNorms(self.capacity, len(weights), weights[0].device, self.params.lib)
+        self.device = groups[0][0].device
+        self.signals = SignalNorms(self.capacity, len(groups), self.device, self.params.lib)
         self.trace_path = self.trace_path or Path(trainer.default_root_dir) / "trace.parquet"
-        self.trace = TraceWriter(self.trace_path, LAYER_STATS, len(weights), self.trace_chunk_steps)
+        self.trace = TraceWriter(self.trace_path, LAYER_STATS, self.modules, [r.kind for r in self.recorded],
+                                 self.trace_chunk_steps)
+        self.through_time.open(self.trace_path.with_name("time_trace.parquet"), self.trace_chunk_steps)
         self._loggers = trainer.loggers
 
     # ---- one recorded step: signal after each backward, gradients before the step, the rest after it --------
@@ -81,6 +103,8 @@ class GradientStatsCallback(L.Callback):
         if self.taps.armed and self._step != step:  # the first micro-batch of this optimizer step
             self._step = step
             self.signals.zero(len(self._steps))
+            if step % self.time_every_n_steps == 0:
+                self.through_time.arm(step)
 
     def on_after_backward(self, trainer, pl_module):
         if self.taps.armed:  # ||dL/ds||^2 adds up over the step's micro-batches
@@ -94,7 +118,8 @@ class GradientStatsCallback(L.Callback):
         self._inv_scale.append(1.0 / scaler.get_scale() if scaler is not None else 1.0)
         self._stepped = True
         with torch.no_grad():
-            self.params.before_step(len(self._steps), self._step, gradients(self.params.weights))
+            self.params.before_step(len(self._steps), self._step, gradients(self.params.tensors))
+        self.through_time.measure(self._inv_scale[-1])  # before the weights change
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not (self.taps.armed and self._stepped):  # accumulating: the optimizer has not stepped yet
@@ -106,13 +131,15 @@ class GradientStatsCallback(L.Callback):
         if self._discovering:
             self._discovering = False
             self.activations = activation_recorder(self.taps, self.params.lib, self.threshold, self.capacity,
-                                                   self.params.weights[0].device)
+                                                   self.device)
             if self.activations is not None:
                 self.capacity = min(self.capacity, self.activations.capacity)
         if self.activations is not None:
             self.activations.capture(k, self.taps)
         self._steps.append(self._step)
         self.taps.release()
+        for step, metrics in self.through_time.finish():
+            self._log(metrics, step)
         if len(self._steps) >= self.capacity:
             self.flush()
 
@@ -125,7 +152,7 @@ class GradientStatsCallback(L.Callback):
         if n == 0:
             return
         params = self.params.flush(n)
-        act = torch.full((n, len(self.layers), len(ACT_STATS)), float("nan"), device=params.device)
+        act = torch.full((n, len(self.recorded), len(ACT_STATS)), float("nan"), device=params.device)
         if self.activations is not None:
             act[:, self.activations.layers] = self.activations.flush(n).to(act.device)
         signal = self.signals.flush(n, self._inv_scale).to(params.device)
@@ -134,34 +161,48 @@ class GradientStatsCallback(L.Callback):
         steps, self._steps, self._inv_scale = self._steps, [], []
         for step, v in zip(steps, values):
             self.trace.append(step, v)
-            if step % self.log_every_n_steps == 0 and self._loggers:
-                metrics = layer_metrics(v, self.act_layers)
-                for logger in self._loggers:
-                    logger.log_metrics(metrics, step=step)
+            if step % self.log_every_n_steps == 0:
+                self._log(module_metrics(v, self.modules, self.act_rows, self.layers), step)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self._loggers:
+            logger.log_metrics(metrics, step=step)
 
     @property
-    def act_layers(self) -> set[int]:
-        """The layers an activation module follows (they get act_* statistics)."""
+    def act_rows(self) -> set[int]:
+        """The modules an activation follows (they get act_* statistics)."""
         return set(self.activations.layers) if self.activations is not None else set()
 
     def on_train_end(self, trainer, pl_module):
         self.flush()
 
     def on_exception(self, trainer, pl_module, exception):
-        self.flush()  # what was recorded before the failure still reaches the trace
+        self._finish()  # what was recorded before the failure still reaches the trace; the hooks go
 
     def teardown(self, trainer, pl_module, stage):
-        if stage != "fit" or self.taps is None:
+        if stage == "fit":
+            self._finish()
+
+    def _finish(self) -> None:
+        """Flush, close the files and remove every hook (once; a later fit attaches its own)."""
+        if self.taps is None:
             return
-        self.flush()
+        if self.params is not None:
+            self.flush()
+            self.params.close()
         self.taps.detach()
         self.taps.release()
-        if self.params is not None:
-            self.params.close()
+        self.through_time.close()
         if self.trace is not None:
             self.trace.close()
+        self.taps = None
 
     def artifacts(self) -> dict[str, Path]:
-        """The files this callback wrote, by role: the dense trace (closed first)."""
-        path = self.trace.close() if self.trace is not None else None
-        return {"trace": path} if path else {}
+        """The files this callback wrote, by role: the dense trace and, with recurrent modules, the signal
+        through time (closed first)."""
+        out = {}
+        if self.trace is not None and (path := self.trace.close()):
+            out["trace"] = path
+        if self.through_time is not None and (path := self.through_time.close()):
+            out["time_trace"] = path
+        return out
