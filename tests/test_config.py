@@ -13,7 +13,47 @@ from tests.conftest import CONF
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
-IN_DIM = {"digits": 64, "moons": 2, "circles": 2, "line": 1, "mnist": 784, "fashion_mnist": 784}
+IN_DIM = {"digits": 64, "moons": 2, "circles": 2, "line": 1, "mnist": 784, "fashion_mnist": 784, "adding": 2,
+          "recall": 16}
+# a data option whose samples are sequences or tokens composes with a model that takes them
+MODEL_FOR = {"adding": "model=lstm", "recall": "model=transformer"}
+
+
+def check_model(cfg, net, n_classes: int) -> None:
+    """The network is what its model option names: its blocks, sizes and activations."""
+    kind = registry.ACTIVATIONS[cfg.activation.name].make
+    acts = [m for m in net.modules() if type(m) in registry.ACTIVATION_BY_TYPE]
+    target = cfg.model._target_.rsplit(".", 1)[1]
+    if target == "build_mlp":  # one Linear per hidden width and a head, each hidden one followed by the activation
+        hidden = list(cfg.model.widths) if cfg.model.widths is not None else [cfg.model.width] * cfg.model.depth
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        assert [m.out_features for m in linears[:-1]] == hidden and linears[-1].out_features == n_classes
+        acts = acts[:len(hidden)]
+        assert len(acts) == len(hidden)
+    elif target == "build_cnn":
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == cfg.model.depth and {c.out_channels for c in convs} == {cfg.model.channels}
+        assert len(acts) == cfg.model.depth and net.residual == cfg.model.residual
+    elif target == "build_recurrent":
+        cell = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cfg.model.cell]
+        layers = [m for m in net.modules() if isinstance(m, nn.RNNBase)]
+        assert len(layers) == cfg.model.depth and all(type(m) is cell and m.hidden_size == cfg.model.width
+                                                      for m in layers)
+        if cfg.model.cell == "rnn":
+            assert {m.nonlinearity for m in layers} == {cfg.activation.name}
+        if cfg.model.cell == "lstm":  # the forget gates' bias, b_ih's slice (b_hh's is 0)
+            w = cfg.model.width
+            assert all(torch.all(m.bias_ih_l0[w:2 * w] + m.bias_hh_l0[w:2 * w] == cfg.model.forget_bias) for m in layers)
+        acts = []
+    elif target == "build_transformer":
+        blocks = [m for m in net.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+        assert len(blocks) == cfg.model.depth and all(b.norm_first == (cfg.model.norm_position == "pre") for b in blocks)
+        assert all(b.linear1.in_features == cfg.model.width for b in blocks) and len(acts) == cfg.model.depth
+    else:
+        raise AssertionError(f"no check for {target}")
+    assert all(type(m) is kind for m in acts)
+    for key, value in build.option(cfg.activation)[1].items():
+        assert all(getattr(m, key) == value for m in acts), key
 
 
 def test_groups_are_the_documented_ones():
@@ -32,6 +72,7 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds_what_it_names(group, option, compose_cfg, tiny_mnist):
     extra = [f"data.path={tiny_mnist}"] if "mnist" in option else []  # data=mnist*, experiment=mnist_*
+    extra += [MODEL_FOR[option]] if group == "data" and option in MODEL_FOR else []
     cfg = compose_cfg([f"{group}={option}", *extra])
     validate.check(cfg)
     data = build.data_module(cfg)
@@ -41,16 +82,7 @@ def test_option_composes_and_builds_what_it_names(group, option, compose_cfg, ti
     assert data.in_dim == IN_DIM[cfg.data.name]
     x, _ = next(iter(data.train_dataloader()))
     assert module(x).shape == (len(x), data.n_classes)
-    # the model: one Linear per hidden width and a head, each hidden one followed by the configured activation
-    # with the configured options
-    hidden = list(cfg.model.widths) if cfg.model.widths is not None else [cfg.model.width] * cfg.model.depth
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    assert [m.out_features for m in linears[:-1]] == hidden and linears[-1].out_features == data.n_classes
-    kind = registry.ACTIVATIONS[cfg.activation.name].make
-    acts = [m for m in net.modules() if type(m) in registry.ACTIVATION_BY_TYPE][:len(hidden)]
-    assert len(acts) == len(hidden) and all(type(m) is kind for m in acts)
-    for key, value in build.option(cfg.activation)[1].items():
-        assert all(getattr(m, key) == value for m in acts), key
+    check_model(cfg, net, data.n_classes)
     # the optimizer: the registry's class, with every configured argument
     opt = module.configure_optimizers()
     name, params = build.option(cfg.optimizer)
@@ -117,5 +149,5 @@ def test_init_variances(init, expected_var, compose_cfg):
     torch.manual_seed(0)
     net = build_mlp(400, 10, widths=[300], activation="relu", init=cfg.init.name,
                     init_params={k: v for k, v in cfg.init.items() if k != "name"})
-    var = net[0].weight.var().item()
+    var = net.layer_00.weight.var().item()
     assert var == pytest.approx(expected_var, rel=0.05)

@@ -29,10 +29,18 @@ from tests.conftest import ROOT, runs_of
     ("data=mnist", "data.path", "no such file"),
     ("tracking.server_timeout=-1", "tracking.server_timeout", ">= 0"),
     ("tracking.uri=http://bob:s3cret@host:5000", "tracking.uri", "MLFLOW_TRACKING_PASSWORD"),
+    ("stats.include=[encoder,'a(b']", "stats.include", "'a(b' is not a regular expression"),
+    ("stats.exclude='norm['", "stats.exclude", "'norm[' is not a regular expression"),
+    ("stats.types=[linear,conv3d]", "stats.types", "unknown type 'conv3d'; valid: linear, conv,"),
+    ("stats.time_every_n_steps=0", "stats.time_every_n_steps", "integer >= 1"),
+    ("model.norm_position=middle", "model.norm_position", "pre or post"),
+    ("data.seq_len=0", "data.seq_len", "integer >= 1"),
 ])
 def test_each_bad_value_is_named(override, key, hint, compose_cfg, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    found = validate.problems(compose_cfg([override, "data.path=/nonexistent"] if "mnist" in override else [override]))
+    extra = {"data.path": "data.path=/nonexistent", "model.norm_position": "model=transformer",
+             "data.seq_len": "data=adding"}
+    found = validate.problems(compose_cfg([override] + [v for k, v in extra.items() if k == key]))
     assert len(found) == 1, found
     assert found[0].startswith(f"{key}=") and hint in found[0]
     assert "s3cret" not in found[0]
@@ -58,4 +66,16 @@ def test_cli_exits_2_with_a_short_message_and_no_run(tmp_path):
     assert "Traceback" not in done.stderr
     assert "model.depth=0: must be an integer >= 1" in done.stderr
     assert "optimizer.lr=-1: must be a number > 0" in done.stderr
+    assert runs_of(uri)[1] == []
+
+
+@pytest.mark.slow
+def test_a_selection_that_matches_nothing_or_is_not_a_pattern_exits_2_before_any_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for override, says in (("stats.include=[nomatch]", "no module of Classifier matches stats.include=['nomatch']; "
+                                                         "its modules with trainable parameters: layer_00, layer_01"),
+                           ("stats.types=[lienar]", "stats.types=['lienar']: unknown type 'lienar'; valid: linear")):
+        done = subprocess.run([sys.executable, "-m", "src.train", override], cwd=ROOT, capture_output=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri}, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr and says in done.stderr, done.stderr
     assert runs_of(uri)[1] == []

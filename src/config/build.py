@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from src.config.validate import ConfigError
 from src.data.datamodule import ArrayDataModule
 from src.models.modules import TASKS
+from src.models.registry import ACTIVATION_BY_TYPE
+from src.stats.modules import NothingToRecord
 from src.tracking.env import SWEEP_KEYS_ENV
 
 # config groups whose chosen option names a run's params (activation=relu) and name
@@ -37,8 +39,14 @@ def data_module(cfg: DictConfig) -> ArrayDataModule:
 def network(cfg: DictConfig, data: ArrayDataModule):
     """The model group's `_target_` builder, given the data's sizes and the activation and init options."""
     (act, act_params), (init, init_params) = option(cfg.activation), option(cfg.init)
-    return instantiate(cfg.model, in_dim=data.in_dim, out_dim=data.n_classes, activation=act,
-                       activation_params=act_params, init=init, init_params=init_params)
+    try:
+        return instantiate(cfg.model, in_dim=data.in_dim, in_kind=data.in_kind, out_dim=data.n_classes,
+                           activation=act, activation_params=act_params, init=init, init_params=init_params)
+    except Exception as e:  # noqa: BLE001 - Hydra wraps the builder's error; a builder's ValueError is the config's
+        cause = e.__cause__ or e
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        raise
 
 
 def lightning_module(cfg: DictConfig, net, data: ArrayDataModule):
@@ -59,6 +67,23 @@ def callbacks(cfg: DictConfig) -> list:
             cause = e.__cause__ or e
             raise ConfigError(f"callbacks.{name}: {cause}") from None
     return built
+
+
+def judged_activation(cfg: DictConfig, net) -> str | None:
+    """The activation whose saturation the verdict judges: the configured one where the network applies it as
+    a module (an LSTM's gates are its own)."""
+    return cfg.activation.name if any(type(m) in ACTIVATION_BY_TYPE for m in net.modules()) else None
+
+
+def check_selection(callbacks: list, model) -> None:
+    """Each callback that records selected modules finds some in `model` (a ConfigError naming the selection
+    if not): checked before any MLflow run exists."""
+    for cb in callbacks:
+        if hasattr(cb, "select"):
+            try:
+                cb.select(model)
+            except NothingToRecord as e:
+                raise ConfigError(str(e)) from None
 
 
 def output_dir() -> Path:

@@ -16,6 +16,7 @@ from src.analysis import verdict
 from src.data.datasets import DATASETS, SOURCES
 from src.models import registry
 from src.models.mlp import NORMS
+from src.stats.modules import selection_problems
 from src.tracking.store import resolve_uri
 from src.tracking.urls import redact
 
@@ -55,10 +56,10 @@ def problems(cfg) -> list[str]:
         need(value in table, key, f"must be one of {', '.join(sorted(table))}", value)
 
     m = c["model"]
-    if m.get("widths") is None:
-        need(_int(m["depth"]) and m["depth"] >= 1, "model.depth", "must be an integer >= 1", m["depth"])
-        need(_int(m["width"]) and m["width"] >= 1, "model.width", "must be an integer >= 1", m["width"])
-    else:
+    for k in ("depth", "width", "channels", "heads", "max_len"):
+        if k in m and not (k in ("depth", "width") and m.get("widths") is not None):
+            need(_int(m[k]) and m[k] >= 1, f"model.{k}", "must be an integer >= 1", m[k])
+    if m.get("widths") is not None:
         ws = m["widths"]
         need(isinstance(ws, list) and all(_int(w) and w >= 1 for w in ws), "model.widths",
              "must be a list of integers >= 1, e.g. [1000,750,500] ([] for no hidden layer)", ws)
@@ -69,9 +70,16 @@ def problems(cfg) -> list[str]:
     head = m.get("head_activation")
     need(head is None or head in registry.ACTIVATIONS, "model.head_activation",
          f"must be null or one of {', '.join(sorted(registry.ACTIVATIONS))}", head)
-    if norm == "batch":  # BatchNorm1d cannot normalise a batch of one in training mode
+    if "norm_position" in m:
+        need(m["norm_position"] in ("pre", "post"), "model.norm_position", "must be pre or post", m["norm_position"])
+    if "forget_bias" in m:
+        need(_number(m["forget_bias"]), "model.forget_bias", "must be a number", m["forget_bias"])
+    if norm == "batch":  # BatchNorm cannot normalise a batch of one in training mode
         need(not _int(c["data"]["batch_size"]) or c["data"]["batch_size"] >= 2, "data.batch_size",
              "must be >= 2 with model.norm=batch", c["data"]["batch_size"])
+    for k in ("seq_len", "vocab", "n_samples"):
+        if k in c["data"]:
+            need(_int(c["data"][k]) and c["data"][k] >= 1, f"data.{k}", "must be an integer >= 1", c["data"][k])
 
     o = c["optimizer"]
     need(_number(o["lr"]) and o["lr"] > 0, "optimizer.lr", "must be a number > 0", o["lr"])
@@ -113,6 +121,9 @@ def problems(cfg) -> list[str]:
          "must be an integer >= 1 (callbacks.histograms=null turns the histograms off)", s["histogram_every_n_steps"])
     need(_number(s["saturation_threshold"]) and 0 < s["saturation_threshold"] < 1,
          "stats.saturation_threshold", "must be a number in (0, 1)", s["saturation_threshold"])
+    need(_int(s.get("time_every_n_steps", 1)) and s.get("time_every_n_steps", 1) >= 1, "stats.time_every_n_steps",
+         "must be an integer >= 1", s.get("time_every_n_steps"))
+    out += selection_problems(s.get("include"), s.get("exclude"), s.get("types"))
 
     for name, node in (c.get("callbacks") or {}).items():
         need(node is None or (isinstance(node, dict) and "_target_" in node), f"callbacks.{name}",

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from src.data.datasets import REGRESSION, load_arrays
+from src.data.datasets import REGRESSION, in_kind, load_arrays
 
 
 class ArrayDataModule(L.LightningDataModule):
@@ -19,11 +20,15 @@ class ArrayDataModule(L.LightningDataModule):
         x_tr, y_tr, x_va, y_va = load_arrays(name, seed, **opts)
         self.train_set = TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr))
         self.val_set = TensorDataset(torch.from_numpy(x_va), torch.from_numpy(y_va))
-        self.in_dim = x_tr.shape[1]
+        self.in_kind = in_kind(name)
+        # what the net's first layer takes: the number of tokens, features per step, or features
+        self.in_dim = (int(opts["vocab"]) if self.in_kind == "tokens" else
+                       x_tr.shape[2] if self.in_kind == "sequence" else x_tr.shape[1])
         self.task = "regression" if name in REGRESSION else "classification"
         # outputs of the net: one per class, or one per target column for regression
         self.n_classes = y_tr.shape[1] if self.task == "regression" else int(max(y_tr.max(), y_va.max())) + 1
         self.seed = seed
+        self.constant_loss = constant_loss(y_tr, self.task)
 
     # In-memory tensors, so no worker processes (they would cost more than they save), and whole batches
     # are fetched with one index op per tensor: the default loader fetches sample by sample and stacks
@@ -35,6 +40,16 @@ class ArrayDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return _batched(self.val_set, SequentialSampler(self.val_set), 1024)
+
+
+def constant_loss(y, task: str) -> float:
+    """The training loss of the best constant prediction: the targets' variance (MSE of their mean), or the
+    labels' entropy (cross-entropy of their frequencies)."""
+    if task == "regression":
+        return float(((y - y.mean(axis=0)) ** 2).mean())
+    p = np.bincount(y) / len(y)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
 
 
 def _batched(data: TensorDataset, order, batch_size: int, generator=None) -> DataLoader:

@@ -1,5 +1,9 @@
 """The datasets, all offline: sklearn's digits, generated moons/circles/line, MNIST and Fashion-MNIST from
-local files, as float32 feature and label arrays."""
+local files, and two generated sequence tasks: the adding problem and a token recall task. Arrays are float32
+features (or int64 tokens) and labels (float32 targets for regression).
+
+Input layouts (`in_kind`): "features" [N, F] (the convolutional models read a square number of features as a
+one-channel image); "sequence" [N, T, F] (adding); "tokens" [N, T] int64 (recall)."""
 from __future__ import annotations
 
 import gzip
@@ -11,8 +15,8 @@ from sklearn import datasets as skd
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-DATASETS = ("digits", "moons", "circles", "mnist", "fashion_mnist", "line")
-REGRESSION = ("line",)  # real-valued targets: trained with MSE, out_dim 1
+DATASETS = ("digits", "moons", "circles", "mnist", "fashion_mnist", "line", "adding", "recall")
+REGRESSION = ("line", "adding")  # real-valued targets: trained with MSE, out_dim 1
 
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -61,9 +65,44 @@ def load_idx_dir(name: str, path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def adding(n: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The adding problem (Hochreiter & Schmidhuber 1997; the form of Le et al. 2015): each step holds a value
+    drawn from U(0, 1) and a marker, 1 at one step of the first half and one of the second, else 0; the target
+    is the sum of the two marked values. Predicting its mean (1) scores an MSE of 1/6 (two U(0, 1) variances)."""
+    values = rng.random((n, seq_len))
+    marks = np.zeros((n, seq_len))
+    half = max(seq_len // 2, 1)
+    first, second = rng.integers(0, half, n), rng.integers(half, seq_len, n) if seq_len > 1 else np.zeros(n, int)
+    marks[np.arange(n), first] = 1.0
+    marks[np.arange(n), second] = 1.0
+    x = np.stack([values, marks], axis=2)
+    return x, (values * marks).sum(axis=1, keepdims=True)
+
+
+def recall(n: int, seq_len: int, vocab: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A token task for attention: a sequence of random tokens; the label is the first one. A model that reads
+    its answer at the last position must carry the first token across the sequence."""
+    x = rng.integers(0, vocab, (n, seq_len))
+    return x, x[:, 0].copy()
+
+
+def in_kind(name: str) -> str:
+    """How the samples of dataset `name` are laid out (see the module docstring)."""
+    return {"adding": "sequence", "recall": "tokens"}.get(name, "features")
+
+
 def load_arrays(name: str, seed: int, **opts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_val, y_val) as float32 features and int64 labels."""
+    """(x_train, y_train, x_val, y_val): float32 features (int64 tokens) and int64 labels (float32 targets)."""
     val_fraction = float(opts.get("val_fraction", 0.2))
+    if name in ("adding", "recall"):  # generated: n_samples for training, a fifth as many more to validate
+        rng = np.random.default_rng(seed)
+        n, n_val = int(opts["n_samples"]), max(1, int(int(opts["n_samples"]) * val_fraction))
+        make = (lambda k: adding(k, int(opts["seq_len"]), rng)) if name == "adding" else \
+            (lambda k: recall(k, int(opts["seq_len"]), int(opts["vocab"]), rng))
+        (x_tr, y_tr), (x_va, y_va) = make(n), make(n_val)
+        kind = np.int64 if name == "recall" else np.float32
+        label = np.float32 if name in REGRESSION else np.int64
+        return x_tr.astype(kind), y_tr.astype(label), x_va.astype(kind), y_va.astype(label)
     if name in ("mnist", "fashion_mnist"):
         a = load_idx_dir(name, opts["path"])
         x_tr, y_tr = a["x_train"].reshape(len(a["x_train"]), -1) / 255.0, a["y_train"]
