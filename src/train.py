@@ -15,7 +15,7 @@ from src.callbacks import tags_of
 from src.callbacks.pruning import TRIAL_ENV
 from src.config import build, validate
 from src.data.datasets import DataFilesMissing
-from src.stats.names import is_layer_key
+from src.stats.names import is_module_key
 from src.tracking.logger import MlflowAsyncLogger
 from src.tracking.run import TrackedRun
 from src.tracking.store import TrackingUnavailable, resolve_uri
@@ -31,7 +31,9 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     net = build.network(cfg, data)
     module = build.lightning_module(cfg, net, data)
     callbacks = build.callbacks(cfg) + _trial_callbacks()
-    prediction = theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))  # at init
+    build.check_selection(callbacks, module)  # a selection that matches nothing: before any MLflow run exists
+    no_theory = theory.not_applicable(net)
+    prediction = None if no_theory else theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))
     out_dir, name, uri = build.output_dir(), build.run_name(cfg), resolve_uri(cfg.tracking.uri)
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
                     server_timeout=cfg.tracking.server_timeout) as run:
@@ -46,20 +48,22 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         finally:  # what was recorded reaches MLflow even when fit failed
             fit_s = time.perf_counter() - started
             run.log_artifact(build.saved_config(cfg, out_dir), "hydra")
-            trace = outputs.record(run.log_artifact, callbacks, logger.history, out_dir, name, prediction.chi1,
-                                   cfg.tracking.plots, per_epoch)
+            trace, through_time = outputs.record(run.log_artifact, callbacks, logger.history, out_dir, name,
+                                   prediction.chi1 if prediction else None, cfg.tracking.plots, per_epoch)
             artifacts_s = time.perf_counter() - started - fit_s
         run.writer.set_tags(tags_of(callbacks))
         # Lightning's fit alone, then the trace, figures and uploads after it; the rest of a run is set-up
         timing = {"time/fit_s": fit_s, "time/artifacts_s": artifacts_s}
-        results = {k: float(v) for k, v in trainer.callback_metrics.items() if not is_layer_key(k)} | timing
+        results = {k: float(v) for k, v in trainer.callback_metrics.items() if not is_module_key(k)} | timing
         run.writer.log_metrics(timing, step=trainer.global_step)
         print(f"run {run.run_id} ({name}) in {redact(uri)}: "
               + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
-        if trace is not None:
+        if trace is not None and prediction is not None:
             run.writer.log_metrics(theory.metrics(prediction, trace), 0)
-        judged = verdict.diagnose(trace, logger.history, cfg.activation.name,
-                                  verdict.from_config(build.plain(cfg.verdict)))
+        if no_theory:
+            run.writer.set_tags({"theory": f"not applicable: {no_theory}"})
+        judged = verdict.diagnose(trace, logger.history, build.judged_activation(cfg, net),
+                                  verdict.from_config(build.plain(cfg.verdict)), through_time, data.constant_loss)
         run.writer.set_tags(judged.tags())
         print(f"verdict: {judged.verdict}: {judged.reason}")
     return {**results, "verdict": judged.verdict}
