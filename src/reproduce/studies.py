@@ -36,6 +36,24 @@ def stalled_then_escaped(row: Row) -> bool:
     ends above 0.5 (val/acc)."""
     escape, end = first_step_above("train/acc", 0.5)(row), row["history"]("train/loss")
     return escape is not None and bool(end) and escape >= 0.1 * end[-1][0] and last("val/acc")(row) >= 0.5
+
+
+def depth_profile(key: str, modules: list[str]) -> Callable[[Row], float | None]:
+    """`key` of the last of `modules` over the first's, at step 0 (a per-module metric, e.g. grad_norm)."""
+    def get(r: Row):
+        a, b = first(f"{key}/{modules[0]}")(r), first(f"{key}/{modules[-1]}")(r)
+        return b / a if a and b is not None else None
+    return get
+
+
+FFN_OUT = [f"encoder.layers.{i}.linear2" for i in range(6)]  # post_vs_pre_ln's feed-forward output layers
+SEQ_LENS = ("10", "30", "50")
+
+
+def lengths(rs: list[Row], model: str) -> list[Row]:
+    return [by(rs, model=model, **{"data.seq_len": n}) for n in SEQ_LENS]
+
+
 STUDIES: dict[str, Study] = {
     "circles_4x5": Study(
         "seed 003: circles, 4 hidden layers of 5, N(0, 1) init, RMSprop; sigmoid vs tanh vs relu",
@@ -142,6 +160,61 @@ STUDIES: dict[str, Study] = {
         checks=[("lecun's ratio < 1e-3 and He's within [0.1, 10]",
                  lambda rs: first("backprop_ratio")(by(rs, init="lecun")) < 1e-3
                  and 0.1 <= first("backprop_ratio")(by(rs, init="he")) <= 10)],
+    ),
+    "plain_vs_resnet": Study(
+        "He et al. 2016: 20 conv layers, plain vs with skips (ReLU, PyTorch's default init, digits)",
+        "He et al. 2016: at equal depth a plain deep net trains worse than the same net with identity "
+        "shortcuts, whose signal reaches the first layers unattenuated. Here 20 3×3 convolutions of 16 channels "
+        "on digits' 8×8 images, ReLU, PyTorch's default init (variance 1/(3 fan_in)), Adam without warm-up.",
+        [("backprop_ratio at step 0", first("backprop_ratio")), ("val/acc (final)", last("val/acc")), VERDICT],
+        ["trainer.max_epochs=2"],
+        seed_column=lambda r: {"cnn": "plain: worse", "resnet": "residual: better"}.get(swept(r).get("model"), ""),
+        checks=[("the plain net's signal at its first layer is below 1e-3 of its last hidden layer's at step 0, "
+                 "the residual net's above 1e-2",
+                 lambda rs: first("backprop_ratio")(by(rs, model="cnn")) < 1e-3
+                 < 1e-2 < first("backprop_ratio")(by(rs, model="resnet"))),
+                ("the residual net ends above the plain one by 0.3 (val/acc)",
+                 lambda rs: last("val/acc")(by(rs, model="resnet")) > last("val/acc")(by(rs, model="cnn")) + 0.3)],
+    ),
+    "rnn_vs_lstm": Study(
+        "Bengio et al. 1994, Hochreiter & Schmidhuber 1997: tanh RNN vs LSTM on the adding problem, 10-50 steps",
+        "Bengio et al. 1994: the gradient of a recurrent net decays exponentially with the time lag; Hochreiter & "
+        "Schmidhuber 1997: an LSTM bridges it and solves the adding problem where a tanh RNN fails; Pascanu et al. "
+        "2013: clipping handles the exploding half, not the vanishing one. Predicting the mean scores an MSE of "
+        "1/6: val/loss well below 0.17 means solved.",
+        [("backprop_time_ratio at step 0", first("backprop_time_ratio")), ("val/loss (final)", last("val/loss")),
+         VERDICT],
+        ["trainer.max_epochs=3"],
+        seed_column=lambda r: {"rnn": "fails as the lag grows", "lstm": "solves"}.get(swept(r).get("model"), ""),
+        checks=[("the RNN's signal through time at step 0 falls below 1e-7 by 50 steps and is always below the "
+                 "LSTM's, which stays above 1e-7",
+                 lambda rs: first("backprop_time_ratio")(lengths(rs, "rnn")[-1]) < 1e-7
+                 and all(first("backprop_time_ratio")(a) < first("backprop_time_ratio")(b)
+                         for a, b in zip(lengths(rs, "rnn"), lengths(rs, "lstm")))
+                 and min(first("backprop_time_ratio")(b) for b in lengths(rs, "lstm")) > 1e-7),
+                ("at 50 steps the RNN fails (val/loss above 0.1) and the LSTM solves it (below 0.05)",
+                 lambda rs: last("val/loss")(lengths(rs, "rnn")[-1]) > 0.1 > 0.05 > last("val/loss")(lengths(rs, "lstm")[-1])),
+                ("at 10 steps both solve it (below 0.05): the RNN's failure is the lag",
+                 lambda rs: max(last("val/loss")(lengths(rs, m)[0]) for m in ("rnn", "lstm")) < 0.05)],
+    ),
+    "post_vs_pre_ln": Study(
+        "Xiong et al. 2020: a 6-block transformer, LayerNorm after (Post-LN) vs before (Pre-LN) each sublayer",
+        "Xiong et al. 2020: at initialisation the gradient of a Post-LN transformer's parameters grows toward the "
+        "output layers, while a Pre-LN one's is the same at every layer; so Post-LN needs a learning-rate warm-up "
+        "and without one trains worse. Here the recall task (16 tokens, 16 symbols), 6 blocks of width 64, Adam at "
+        "a constant 5e-3.",
+        [("linear2 grad_norm, last / first block, step 0", depth_profile("grad_norm", FFN_OUT)),
+         ("val/acc (final)", last("val/acc")), VERDICT],
+        ["trainer.max_epochs=1"],
+        seed_column=lambda r: {"post": "grows toward the output; fails without warm-up",
+                               "pre": "level; trains"}.get(swept(r).get("model.norm_position"), ""),
+        checks=[("Post-LN's gradient grows toward the output (last block / first > 1)",
+                 lambda rs: depth_profile("grad_norm", FFN_OUT)(by(rs, **{"model.norm_position": "post"})) > 1),
+                ("Pre-LN's gradient is level across blocks (last / first within 0.8-1.25)",
+                 lambda rs: 0.8 <= depth_profile("grad_norm", FFN_OUT)(by(rs, **{"model.norm_position": "pre"})) <= 1.25),
+                ("without warm-up Post-LN ends below Pre-LN by 0.3 (val/acc)",
+                 lambda rs: last("val/acc")(by(rs, **{"model.norm_position": "post"}))
+                 < last("val/acc")(by(rs, **{"model.norm_position": "pre"})) - 0.3)],
     ),
     "cures": Study(
         "each known cure on a 20-layer sigmoid net that stays at chance without one",
