@@ -3,7 +3,7 @@
     python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu] [--threads N] [--no-slow-server]
                                   [--torch-path] [--mlflow-every N] [--models small,mid,wide] [--docs]
 
-For each model it trains the same MLP (batch 32) under each condition, interleaved, `repeats` times, the
+For each model it trains the same net (batch 32) under each condition, interleaved, `repeats` times, the
 order reversed on every other repeat (off, stats, ... then ..., stats, off) so that a machine slowing down
 or speeding up during the run biases no condition; each run's time per optimizer step is its mean over the
 timed steps (on_train_batch_start to on_train_batch_start, after a warm-up; the last step's own time is not
@@ -23,14 +23,20 @@ timed steps plus that wait: a writer that fell behind during training shows ther
              in on_before_optimizer_step, MLFlowLogger on a SQLite store, log_every_n_steps=1
   slow_server  (10x64) `stats`, but MLflow is a real `mlflow server` behind a proxy that holds every
              request 0.2 s: the training thread must not wait on it (slow_server_ratio = slow_server / stats)
+Models: the MLPs small (10x64), mid (20x256) and wide (5x1024), the default; and, with `--models
+cnn,lstm,transformer`, a 10-layer CNN on 8x8 images, an LSTM over 50 steps of the adding problem and a 4-block
+transformer on 16 tokens, at the sizes of their studies.
 The last lines are machine-readable: overhead_ratio_small (10x64), overhead_ratio (20x256), overhead_ratio_wide
-(5x1024) (and each one's `_cpu` and `_total` variants), slow_server_ratio and vs_lightning_ratio (lightning /
-stats, 10x64). `--docs` also writes the table and those lines into docs/performance.md.
+(5x1024), overhead_ratio_<cnn|lstm|transformer> (and each one's `_cpu` and `_total` variants),
+slow_server_ratio and vs_lightning_ratio (lightning / stats, 10x64). `--docs` also writes the table and those
+lines into docs/performance.md (the MLPs' block, or one block for the other models).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 import os
 import signal
 import statistics
@@ -45,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
@@ -52,8 +59,12 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from src.callbacks.gradient_stats import GradientStatsCallback  # noqa: E402
+from src.data.datasets import adding, recall  # noqa: E402
+from src.models.cnn import build_cnn  # noqa: E402
 from src.models.mlp import build_mlp  # noqa: E402
-from src.models.modules import Classifier  # noqa: E402
+from src.models.modules import Classifier, Regressor  # noqa: E402
+from src.models.recurrent import build_recurrent  # noqa: E402
+from src.models.transformer import build_transformer  # noqa: E402
 from src.stats import fused  # noqa: E402
 from src.tracking.logger import MlflowAsyncLogger  # noqa: E402
 from src.tracking.store import client as mlflow_client, ensure_experiment  # noqa: E402
@@ -62,7 +73,42 @@ from tests.conftest import SlowProxy, free_port  # noqa: E402
 
 import perf_page  # noqa: E402  (benchmarks/perf_page.py)
 
-MODELS = {"small": (10, 64, "sigmoid"), "mid": (20, 256, "relu"), "wide": (5, 1024, "relu")}
+@dataclass(frozen=True)
+class Bench:
+    """A model of the benchmark: its label in the table, how it is built, its data (4096 samples) and task."""
+    label: str
+    build: Callable[[], torch.nn.Module]
+    data: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    task: type = Classifier
+
+
+def _features():
+    return torch.randn(4096, 64), torch.randint(0, 10, (4096,))
+
+
+def _mlp(depth: int, width: int, act: str) -> Bench:
+    return Bench(f"{depth}x{width} {act}", lambda: build_mlp(64, 10, activation=act, init="xavier_uniform", depth=depth,
+                                                              width=width), _features)
+
+
+def _sequences(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated arrays as tensors: float32 values, int64 tokens and labels as they are."""
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    return (x.float() if x.is_floating_point() else x), (y.float() if y.is_floating_point() else y)
+
+
+MODELS = {
+    "small": _mlp(10, 64, "sigmoid"), "mid": _mlp(20, 256, "relu"), "wide": _mlp(5, 1024, "relu"),
+    # the models beyond the MLP, each at the size its study uses (--models cnn,lstm,transformer)
+    "cnn": Bench("cnn 10x16 relu", lambda: build_cnn(64, 10, activation="relu", init="kaiming_normal", depth=10,
+                                                      channels=16), _features),
+    "lstm": Bench("lstm 50 steps x64", lambda: build_recurrent(2, 1, in_kind="sequence", cell="lstm", activation="tanh",
+                                                               init="torch_default", depth=1, width=64),
+                  lambda: _sequences(*adding(4096, 50, np.random.default_rng(0))), Regressor),
+    "transformer": Bench("transformer 4x64 relu", lambda: build_transformer(16, 16, in_kind="tokens", activation="relu",
+                                                                           init="xavier_uniform", depth=4, width=64),
+                         lambda: _sequences(*recall(4096, 16, 16, np.random.default_rng(0)))),
+}
 # the product's default MLflow snapshot cadence for the per-layer statistics
 MLFLOW_EVERY = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/stats/default.yaml").log_every_n_steps
 
@@ -103,12 +149,11 @@ def model_list(text: str) -> list[str]:
 def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, device: str, workdir: Path
              ) -> tuple[float, float, float]:
     """(wall, cpu) seconds per timed step, and the seconds the run's end waited for the MLflow backlog."""
-    depth, width, act = MODELS[model]
+    bench = MODELS[model]
     torch.manual_seed(0)
-    x, y = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
-    data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    net = build_mlp(64, 10, activation=act, init="xavier_uniform", depth=depth, width=width)
-    cls = LightningWay if condition == "lightning" else Classifier
+    data = DataLoader(TensorDataset(*bench.data()), batch_size=32, shuffle=True)
+    net = bench.build()
+    cls = LightningWay if condition == "lightning" else bench.task
     module = cls(net, "sgd", {"lr": 0.01})
     timer = StepTimer()
     callbacks: list = [timer]
@@ -264,14 +309,14 @@ def main() -> None:
     table = ["| model | condition | ms/step | vs off | min-max ms | cpu ms | cpu vs off | drain s | total vs off "
              "| paired vs off | paired range |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (m, c), t in med.items():
-        depth, width, act = MODELS[m]
         lo, hi = spread[(m, c)]
-        table.append(f"| {depth}x{width} {act} | {c} | {t * 1e3:.2f} | {t / med[(m, 'off')]:.2f}x | "
+        table.append(f"| {MODELS[m].label} | {c} | {t * 1e3:.2f} | {t / med[(m, 'off')]:.2f}x | "
                      f"{lo * 1e3:.1f}-{hi * 1e3:.1f} | {cpu[(m, c)] * 1e3:.2f} | {cpu[(m, c)] / cpu[(m, 'off')]:.2f}x | "
                      f"{drain[(m, c)]:.2f} | {total[(m, c)] / total[(m, 'off')]:.2f}x | {pmed[(m, c)][0]:.2f}x | "
                      f"{min(paired[(m, c)]):.2f}-{max(paired[(m, c)]):.2f} |")
     print("\n" + "\n".join(table) + "\n")
-    names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide"}
+    names = {"small": "overhead_ratio_small", "mid": "overhead_ratio", "wide": "overhead_ratio_wide",
+             **{m: f"overhead_ratio_{m}" for m in ("cnn", "lstm", "transformer")}}
     summary = [f"{names[m]}_cpu={pmed[(m, 'stats')][1]:.3f}" for m in models]
     summary += [f"{names[m]}_total={pmed[(m, 'stats')][2]:.3f}" for m in models]
     summary += [f"{names[m]}={pmed[(m, 'stats')][0]:.3f}" for m in models]
@@ -290,7 +335,8 @@ def main() -> None:
         summary.append(f"vs_lightning_ratio={between('small', 'lightning', 'stats'):.2f}")
     print("\n".join(summary))
     if args.docs:
-        perf_page.write("overhead", table + ["", "```", *summary, "```"])
+        block = "overhead" if set(models) <= {"small", "mid", "wide"} else "overhead-models"
+        perf_page.write(block, table + ["", "```", *summary, "```"])
 
 
 if __name__ == "__main__":
