@@ -68,7 +68,8 @@ def test_every_config_key_named_exists_in_an_option_of_its_group():
         for f in (CONF / group).glob("*.yaml"):
             body = OmegaConf.to_container(OmegaConf.load(f)) or {}
             body.pop("defaults", None)
-            known |= {f"{group}.{k}" for k in _keys(body)}
+            package = "" if f.read_text().startswith("# @package _global_") else f"{group}."
+            known |= {f"{package}{k}" for k in _keys(body)}
     sweeper = OmegaConf.to_container(OmegaConf.load(CONF / "hydra/sweeper/gradflow.yaml"))
     known |= {f"hydra.sweeper.{k}" for k in _keys(sweeper)}
     pattern = rf"(?<![\w./])((?:{'|'.join(GROUPS)}|hydra\.sweeper)\.[a-z_]+(?:\.[a-z_]+)*)(?![\w/(])"
@@ -81,25 +82,30 @@ def test_every_config_key_named_exists_in_an_option_of_its_group():
 
 @pytest.mark.slow
 def test_every_metric_and_artifact_named_is_what_a_run_logs(tracking_uri, compose_cfg):
-    """One real run with the optional recorders on: each documented metric key (a `<stat>/layer_LL` or `…` key
-    as layer 00) and each documented artifact is in the store."""
+    """Two real runs with the optional recorders on, an MLP and a recurrent net: each documented metric key (a
+    `<stat>/<module>`, `…` or `layer_LL` key as the MLP's layer_00, or the RNN's rnn_00) and each documented
+    artifact is in the store."""
     from src.train import train
 
-    train(compose_cfg(["model.depth=3", "trainer.max_epochs=1", "callbacks=weight_change",
-                       "tracking.epoch_stats=true", "stats.log_every_n_steps=5", "trainer.enable_progress_bar=false",
-                       "tracking.run_name=docs"]))
-    client, [run] = runs_of(tracking_uri)
-    logged = set(run.data.metrics)
+    common = ["trainer.max_epochs=1", "stats.log_every_n_steps=5", "trainer.enable_progress_bar=false"]
+    train(compose_cfg(["model.depth=3", "callbacks=weight_change", "tracking.epoch_stats=true", *common,
+                       "tracking.run_name=mlp"]))
+    train(compose_cfg(["model=rnn", "data=adding", "data.seq_len=8", "data.n_samples=320", *common,
+                       "tracking.run_name=rnn"]))
+    client, runs = runs_of(tracking_uri)
+    logged = {k.replace("/rnn_00", "/layer_00") for r in runs for k in r.data.metrics}
     documented = set()
-    for key in re.findall(r"`([a-z_0-9]+(?:/[a-z_0-9]+)*/(?:layer_LL|…))`", ALL) + \
+    for key in re.findall(r"`([a-z_0-9]+(?:/[a-z_0-9]+)*/(?:layer_LL|…|<module>|<layer>))`", ALL) + \
             re.findall(r"`((?:train|val|time|theory)/[a-z_0-9]+)`", ALL):
-        documented.add(re.sub(r"(layer_LL|…)$", "layer_00", key))
+        documented.add(re.sub(r"(layer_LL|…|<module>|<layer>)$", "layer_00", key))
     assert {f"{s}/layer_00" for s in LAYER_STATS} <= documented  # the table names every statistic
+    assert "backprop_time_ratio/layer_00" in documented
     assert not documented - logged, sorted(documented - logged)
 
-    files = {f.path for d in client.list_artifacts(run.info.run_id) for f in client.list_artifacts(run.info.run_id, d.path)}
+    files = {f.path for r in runs for d in client.list_artifacts(r.info.run_id)
+             for f in client.list_artifacts(r.info.run_id, d.path)}
     named = set(re.findall(r"`((?:trace|plots|hydra)/[a-z_]+\.(?:parquet|png|csv|yaml))`", ALL))
     for short in re.findall(r"`(layer_norms|saturation|curves|theory|hist_grad|hist_backprop|hist_act)\.png`", ALL):
         named.add(f"plots/{short}.png")
-    assert len(named) > 10
+    assert len(named) > 10 and "trace/time_trace.parquet" in named
     assert not named - files, sorted(named - files)
