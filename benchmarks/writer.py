@@ -55,8 +55,7 @@ def main() -> None:
         overhead.AsyncRunWriter = real
     wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
     cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
-    depth, width, act = overhead.MODELS[args.model]
-    lines = [f"{depth}x{width} {act}, {args.threads} torch thread(s), {args.repeats} repeats, medians.", "",
+    lines = [f"{overhead.MODELS[args.model].label}, {args.threads} torch thread(s), {args.repeats} repeats, medians.", "",
              "| writer | wall ms/step | vs off | cpu ms/step | vs off |", "|---|---|---|---|---|"]
     for k in VARIANTS:
         lines.append(f"| {k} | {wall[k] * 1e3:.2f} | {wall[k] / wall['off']:.2f}x | {cpu[k] * 1e3:.2f} | "

@@ -33,13 +33,15 @@ from tests.conftest import ROOT, runs_of
     ("stats.exclude='norm['", "stats.exclude", "'norm[' is not a regular expression"),
     ("stats.types=[linear,conv3d]", "stats.types", "unknown type 'conv3d'; valid: linear, conv,"),
     ("stats.time_every_n_steps=0", "stats.time_every_n_steps", "integer >= 1"),
+    ("stats.time_every_n_steps=15", "stats.time_every_n_steps", "multiple of stats.every_n_steps (2)"),
     ("model.norm_position=middle", "model.norm_position", "pre or post"),
     ("data.seq_len=0", "data.seq_len", "integer >= 1"),
 ])
 def test_each_bad_value_is_named(override, key, hint, compose_cfg, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     extra = {"data.path": "data.path=/nonexistent", "model.norm_position": "model=transformer",
-             "data.seq_len": "data=adding"}
+             "data.seq_len": "data=adding",
+             "stats.time_every_n_steps": "stats.every_n_steps=2"}
     found = validate.problems(compose_cfg([override] + [v for k, v in extra.items() if k == key]))
     assert len(found) == 1, found
     assert found[0].startswith(f"{key}=") and hint in found[0]

@@ -57,6 +57,11 @@ class GradientStatsCallback(L.Callback):
                 f"stats.log_every_n_steps ({log_every_n_steps}) must be a multiple of "
                 f"stats.every_n_steps ({every_n_steps}): only recorded steps can be logged"
             )
+        if time_every_n_steps and time_every_n_steps % every_n_steps:
+            raise ValueError(
+                f"stats.time_every_n_steps ({time_every_n_steps}) must be a multiple of "
+                f"stats.every_n_steps ({every_n_steps}): the signal through time is taken on recorded steps"
+            )
         self.every_n_steps, self.log_every_n_steps = every_n_steps, log_every_n_steps
         self.threshold, self.trace_chunk_steps, self.ring_steps = saturation_threshold, trace_chunk_steps, ring_steps
         self.selection = {"include": include, "exclude": exclude, "types": types}
@@ -79,7 +84,7 @@ class GradientStatsCallback(L.Callback):
             self.modules = [r.path for r in self.recorded]
             self.layers = [i for i, r in enumerate(self.recorded) if r.kind in LAYER_KINDS]
             self.taps = ModuleTaps(pl_module, self.recorded).attach()
-            self.through_time = ThroughTime(pl_module, self.recorded)
+            self.through_time = ThroughTime(self.recorded)
             self._discovering = True  # the first recorded step shows which activation follows which module
 
     def on_fit_start(self, trainer, pl_module):

@@ -14,19 +14,19 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
-from src.callbacks.taps import first_tensor
 from src.stats import recurrent
 from src.stats.modules import Recorded
 from src.stats.trace import TimeTraceWriter
 
 
 class ThroughTime:
-    def __init__(self, model: nn.Module, recorded: list[Recorded]):
+    def __init__(self, recorded: list[Recorded]):
         self.entries = [r for r in recorded if r.kind == "recurrent" and isinstance(r.module, nn.RNNBase)]
         self._step: int | None = None       # the step armed for, until finish()
-        self._seen: dict[int, tuple] = {}   # entry -> (input, state, output) of the last forward
+        self._seen: dict[int, tuple] = {}   # entry -> (input, initial state) of its last forward
         self._grads: dict[int, object] = {}
         self._norms: dict[str, np.ndarray] = {}
         self._hooks: list = []
@@ -51,7 +51,7 @@ class ThroughTime:
             x = args[0] if args else kwargs.get("input")
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
             seq = out[0] if isinstance(out, tuple) else out
-            if isinstance(seq, nn.utils.rnn.PackedSequence) or first_tensor(seq) is None or not seq.requires_grad:
+            if not isinstance(seq, torch.Tensor) or not seq.requires_grad:
                 return  # packed sequences are not unrolled
             self._seen[i] = (x, hx)
             seq.register_hook(lambda g: self._grads.__setitem__(i, g))

@@ -123,6 +123,11 @@ def problems(cfg) -> list[str]:
          "stats.saturation_threshold", "must be a number in (0, 1)", s["saturation_threshold"])
     need(_int(s.get("time_every_n_steps", 1)) and s.get("time_every_n_steps", 1) >= 1, "stats.time_every_n_steps",
          "must be an integer >= 1", s.get("time_every_n_steps"))
+    te = s.get("time_every_n_steps", s["every_n_steps"])
+    if _int(te) and _int(s["every_n_steps"]) and te >= 1 and s["every_n_steps"] >= 1 \
+            and te != s["log_every_n_steps"]:  # that one has its own message above
+        need(te % s["every_n_steps"] == 0, "stats.time_every_n_steps",
+             f"must be a multiple of stats.every_n_steps ({s['every_n_steps']})", te)
     out += selection_problems(s.get("include"), s.get("exclude"), s.get("types"))
 
     for name, node in (c.get("callbacks") or {}).items():
