@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -126,24 +127,30 @@ class _Group:
         self.prev[:] = [prev[i].data_ptr() + 4 * off for i, off, _ in self.pieces]
 
 
-def _combine(rows: Tensor, layer_of: Tensor, lengths: Tensor, layers: int, maxed: tuple[int, ...]) -> Tensor:
-    """Per-piece sums [P, C] into per-module ones [layers, C] (`layer_of`: each piece's module). Columns 0-2
+class _Combine:
+    """Per-piece sums [P, C] into per-module ones [modules, C] (`layer_of`: each piece's module). Columns 0-2
     (shift, shifted sum and sum of squares) are re-shifted to the shift of each module's first piece; columns
-    in `maxed` take the max, the others add up."""
-    P = rows.shape[0]
-    first = torch.full((layers,), P, dtype=torch.int64).scatter_reduce(0, layer_of, torch.arange(P), "amin")
-    shift, total, total_sq = rows[:, 0], rows[:, 1], rows[:, 2]
-    d = shift - shift[first][layer_of]  # each piece's shift relative to its layer's
-    out = torch.zeros(layers, rows.shape[1], dtype=torch.float64)
-    out[:, 0] = shift[first]
-    out[:, 1].index_add_(0, layer_of, total + lengths * d)
-    out[:, 2].index_add_(0, layer_of, total_sq + 2 * d * total + lengths * d * d)
-    for j in range(3, rows.shape[1]):
-        if j in maxed:
-            out[:, j] = out[:, j].scatter_reduce(0, layer_of, rows[:, j], "amax", include_self=False)
-        else:
-            out[:, j].index_add_(0, layer_of, rows[:, j])
-    return out
+    in `maxed` take the max, the others add up. In numpy on the pieces sorted by module (reduceat): these
+    arrays hold a few dozen numbers, where each torch op's dispatch costs more than its arithmetic."""
+
+    def __init__(self, layer_of: list[int], lengths: list[int], modules: int):
+        layer_of = np.asarray(layer_of)
+        self.order = np.argsort(layer_of, kind="stable")
+        self.starts = np.searchsorted(layer_of[self.order], np.arange(modules))
+        self.module_of = layer_of[self.order]  # of each sorted piece
+        self.lengths = np.asarray(lengths, dtype=np.float64)[self.order]
+
+    def __call__(self, rows: np.ndarray, out: np.ndarray, maxed: tuple[int, ...]) -> None:
+        rows = rows[self.order]
+        shift, total, total_sq = rows[:, 0], rows[:, 1], rows[:, 2]
+        base = shift[self.starts]
+        d = shift - base[self.module_of]  # each piece's shift relative to its module's first piece
+        out[:, 0] = base
+        out[:, 1] = np.add.reduceat(total + self.lengths * d, self.starts)
+        out[:, 2] = np.add.reduceat(total_sq + 2 * d * total + self.lengths * d * d, self.starts)
+        for j in range(3, rows.shape[1]):
+            reduce = np.maximum if j in maxed else np.add
+            out[:, j] = reduce.reduceat(rows[:, j], self.starts)
 
 
 class FusedPasses:
@@ -184,8 +191,7 @@ class FusedPasses:
         self._groups = [_Group(g, weights, self.prev) for g in groups]
         self._pool = ThreadPoolExecutor(len(groups) - 1, "gradflow-fused") if len(groups) > 1 else None
         order = [p for g in groups for p in g]
-        self._layer_of = torch.tensor([owner[i] for i, _, _ in order])
-        self._lengths = torch.tensor([m for _, _, m in order], dtype=torch.float64)
+        self._combine = _Combine([owner[i] for i, _, _ in order], [m for _, _, m in order], self._rows)
         self._w_at = self._ptrs(weights)
         self._after: int | None = None  # the step whose weights `prev` holds, and their versions then
         self._versions: list[int] = []
@@ -214,7 +220,8 @@ class FusedPasses:
             f.result()
 
     def _gather(self, outs: list[Tensor], out: Tensor, maxed: tuple[int, ...]) -> None:
-        out.copy_(_combine(torch.cat(outs), self._layer_of, self._lengths, self._rows, maxed))
+        rows = outs[0] if len(outs) == 1 else torch.cat(outs)
+        self._combine(rows.numpy(), out.numpy(), maxed)
 
     def grad_pass(self, grads: list[Tensor], out: Tensor, step: int) -> None:
         """Before optimizer step `step` (steps count up by one)."""
