@@ -25,6 +25,6 @@ def write(name: str, lines: list[str]) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     head = (f"`{command}`, {date.today().isoformat()}: {cores} CPU cores ({platform.machine()}), "
-            f"torch {torch.__version__} with {torch.get_num_threads()} thread{"s" * (torch.get_num_threads() != 1)}.")
+            f"torch {torch.__version__} with {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}.")
     replace_block(PAGE, f"bench-{name}", "\n".join([head, "", *lines]))
     print(f"written: the {name} table of {PAGE.relative_to(ROOT)}", file=sys.stderr)
