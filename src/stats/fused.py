@@ -141,6 +141,10 @@ class _Combine:
         self.lengths = np.asarray(lengths, dtype=np.float64)[self.order]
 
     def __call__(self, rows: np.ndarray, out: np.ndarray, maxed: tuple[int, ...]) -> None:
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf sums propagate, as torch's did: no warning
+            self._combine(rows, out, maxed)
+
+    def _combine(self, rows: np.ndarray, out: np.ndarray, maxed: tuple[int, ...]) -> None:
         rows = rows[self.order]
         shift, total, total_sq = rows[:, 0], rows[:, 1], rows[:, 2]
         base = shift[self.starts]
