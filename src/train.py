@@ -10,27 +10,32 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from src import console
 from src.analysis import outputs, theory, verdict
 from src.callbacks import tags_of
+from src.callbacks.progress import RunProgressBar
 from src.callbacks.pruning import TRIAL_ENV
 from src.config import build, validate
 from src.data.datasets import DataFilesMissing
 from src.stats.names import is_module_key
+from src.tracking.env import PARENT_RUN_ENV
 from src.tracking.logger import MlflowAsyncLogger
 from src.tracking.run import TrackedRun
 from src.tracking.store import TrackingUnavailable, resolve_uri
-from src.tracking.urls import redact
+from src.tracking.urls import run_page
 
 
 def train(cfg: DictConfig) -> dict[str, float | str]:
     """Seed, build, fit with statistics, track in MLflow; return the run's final metrics (floats) and its
     diagnosis under "verdict" (a str, one of src.analysis.verdict.VERDICTS)."""
     validate.check(cfg)  # before anything is built or any MLflow run exists
+    console.quiet_known_noise()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build.data_module(cfg)
     net = build.network(cfg, data)
     module = build.lightning_module(cfg, net, data)
     callbacks = build.callbacks(cfg) + _trial_callbacks()
+    bar = [RunProgressBar()] if cfg.trainer.enable_progress_bar else []  # Lightning refuses a bar it was told off
     build.check_selection(callbacks, module)  # a selection that matches nothing: before any MLflow run exists
     no_theory = theory.not_applicable(net)
     prediction = None if no_theory else theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))
@@ -38,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
                     server_timeout=cfg.tracking.server_timeout) as run:
         logger = MlflowAsyncLogger(run.writer, cfg.tracking.experiment)
-        trainer = L.Trainer(**build.plain(cfg.trainer), logger=logger, callbacks=callbacks,
+        trainer = L.Trainer(**build.plain(cfg.trainer), logger=logger, callbacks=callbacks + bar,
                             default_root_dir=str(out_dir))
         per_epoch = (lambda: trainer.num_training_batches // cfg.trainer.accumulate_grad_batches) \
             if cfg.tracking.epoch_stats else None
@@ -56,8 +61,6 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         timing = {"time/fit_s": fit_s, "time/artifacts_s": artifacts_s}
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if not is_module_key(k)} | timing
         run.writer.log_metrics(timing, step=trainer.global_step)
-        print(f"run {run.run_id} ({name}) in {redact(uri)}: "
-              + "  ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
         if trace is not None and prediction is not None:
             run.writer.log_metrics(theory.metrics(prediction, trace), 0)
         if no_theory:
@@ -65,8 +68,18 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         judged = verdict.diagnose(trace, logger.history, build.judged_activation(cfg, net),
                                   verdict.from_config(build.plain(cfg.verdict)), through_time, data.constant_loss)
         run.writer.set_tags(judged.tags())
-        print(f"verdict: {judged.verdict}: {judged.reason}")
+        headline = results | _last(logger.history, ("backprop_ratio", "backprop_time_ratio"))
+        if os.environ.get(PARENT_RUN_ENV):  # one of many: one line, the multirun's table comes at its end
+            print(f"{name}: {judged.verdict}  " + console.metrics_line(headline))
+        else:
+            print(console.summary(judged.verdict, judged.reason, headline,
+                                  run_page(uri, run.experiment_id, run.run_id)))
     return {**results, "verdict": judged.verdict}
+
+
+def _last(history: dict[str, list[tuple[int, float]]], keys: tuple[str, ...]) -> dict[str, float]:
+    """The last logged value of each of `keys` that was logged."""
+    return {k: history[k][-1][1] for k in keys if history.get(k)}
 
 
 def _trial_callbacks() -> list:

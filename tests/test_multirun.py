@@ -20,6 +20,16 @@ def test_multirun_nests_four_children_under_one_parent(tmp_path):
            "tracking.plots=false", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # one line per finished child, then their table and where to look
+    lines = done.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split() == ["run", "status", "verdict", "backprop_ratio"])
+    table, look = lines[at + 1:at + 5], lines[at + 5]
+    names = ["activation=sigmoid,init=xavier", "activation=sigmoid,init=he", "activation=relu,init=xavier",
+             "activation=relu,init=he"]
+    assert [row.split()[:2] for row in table] == [[n, "FINISHED"] for n in names]
+    assert look.startswith("look: ") and look.endswith("/runs?workflowType=machine_learning")
+    verdicts = [next(line for line in lines if line.startswith(f"{n}: ")).split()[1] for n in names]
+    assert verdicts == [row.split()[2] for row in table]
 
     client, runs = runs_of(uri)
     parents = [r for r in runs if r.data.tags.get("gradflow.multirun") == "true"]

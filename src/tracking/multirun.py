@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from src.tracking.env import PARENT_RUN_ENV, SWEEP_KEYS_ENV
 from src.tracking.retry import first_line, retrying
 from src.tracking.store import client, ensure_experiment, resolve_uri
-from src.tracking.urls import redact
+from src.tracking.urls import redact, run_page
 
 
 class MultirunParentRun(Callback):
@@ -38,9 +38,9 @@ class MultirunParentRun(Callback):
                 swept.append(f"{key}={values}")
         uri = resolve_uri(config.tracking.uri)
         self.client = client(uri)
-        exp_id = ensure_experiment(self.client, config.tracking.experiment, uri)
+        self.uri, self.exp_id = uri, ensure_experiment(self.client, config.tracking.experiment, uri)
         name = "multirun " + " ".join(swept or overrides)
-        self.run_id = self.client.create_run(exp_id, run_name=name[:250], tags={
+        self.run_id = self.client.create_run(self.exp_id, run_name=name[:250], tags={
             "gradflow.multirun": "true", "gradflow.overrides": redact(" ".join(overrides))[:5000],
         }).info.run_id
         os.environ[PARENT_RUN_ENV] = self.run_id
@@ -54,7 +54,20 @@ class MultirunParentRun(Callback):
             self.failed = True
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if self.run_id:
+            self._print_children(config)
         self._finish("FAILED" if self.failed else "FINISHED")
+
+    def _print_children(self, config) -> None:
+        """The children's table: name, verdict, headline metrics; and where to look."""
+        try:
+            runs = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
+                                           order_by=["attributes.start_time ASC"])
+        except Exception as e:  # noqa: BLE001 - the runs are in the store; only this summary is lost
+            print(f"mlflow: could not read the children back: {redact(first_line(e))}", file=sys.stderr)
+            return
+        print("\n" + children_table(runs))
+        print(f"look: {run_page(self.uri, self.exp_id)}")
 
     def _finish(self, status: str) -> None:
         if self.run_id is None:
@@ -68,3 +81,18 @@ class MultirunParentRun(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEEP_KEYS_ENV, None)
         atexit.unregister(self._finish)
+
+
+HEADLINE = ("val/acc", "val/loss", "backprop_ratio", "backprop_time_ratio")
+
+
+def children_table(runs) -> str:
+    """A plain-text table of a multirun's child runs: run name, status, verdict and headline metrics."""
+    keys = [k for k in HEADLINE if any(k in r.data.metrics for r in runs)]
+    rows = [["run", "status", "verdict", *keys]]
+    for r in runs:
+        m = r.data.metrics
+        rows.append([r.info.run_name or r.info.run_id, r.info.status, r.data.tags.get("verdict", "-"),
+                     *(f"{m[k]:.3g}" if k in m else "-" for k in keys)])
+    widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

@@ -76,9 +76,6 @@ class TrackedRun:
                 raise TimeoutError("the tracking server did not answer before the deadline")
             retrying(lambda: self.client.set_terminated(self.run_id, status, end_time),
                      f"marking the run {status}", deadline)
-            if self.uri.startswith(("http://", "https://")):
-                print(f"mlflow: run at {redact(self.uri.rstrip('/'))}/#/experiments/{self.experiment_id}"
-                      f"/runs/{self.run_id}")
         except Exception as e:  # noqa: BLE001 - the status is spooled with the rest, replay sets it
             print(f"mlflow: could not mark run {self.run_id} {status}: {redact(first_line(e))}", file=sys.stderr)
             self.writer.spool({"status": status, "end_time": end_time})

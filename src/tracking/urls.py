@@ -2,6 +2,7 @@
 Lightning) so that sweep workers and status commands can use them cheaply."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -14,3 +15,19 @@ def redact(text: str) -> str:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///<file>` URI, else None."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") and len(uri) > len("sqlite:///") else None
+
+
+# the MLflow UI opens on its GenAI layout unless the URL selects the model-training one
+ML_VIEW = "workflowType=machine_learning"
+
+
+def run_page(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where a person looks at a run (or, without one, at the experiment's runs): its page on the tracking
+    server, or for a store without a server `make ui` (told the store where it is not the one `make ui`
+    finds) and the page it serves."""
+    route = f"/#/experiments/{experiment_id}/runs{'/' + run_id if run_id else ''}?{ML_VIEW}"
+    if uri.startswith(("http://", "https://")):
+        return redact(uri.rstrip("/")) + route
+    found = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # as make ui
+    ui = "make ui" if uri == found else f"MLFLOW_TRACKING_URI='{redact(uri)}' make ui"
+    return f"{ui}, then http://127.0.0.1:{os.environ.get('MLFLOW_UI_PORT', '5000')}{route}"
