@@ -63,7 +63,7 @@ class TraceWriter:
 def read_trace(path: str | Path) -> dict[str, np.ndarray]:
     """{'steps': [T], 'layers': [L], 'modules': [L] paths, 'kinds': [L], stat: [T, L] for each stat column}: the
     trace as dense matrices."""
-    table = pq.read_table(path)
+    table = pq.ParquetFile(path).read()  # read_table imports pyarrow.dataset, slower than the read
     steps = np.unique(table["step"].to_numpy())
     layers = np.unique(table["layer"].to_numpy())
     row = np.searchsorted(steps, table["step"].to_numpy())
@@ -115,7 +115,7 @@ class TimeTraceWriter:
 
 def read_time_trace(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """{module: {"steps": [S], "norms": [S, T]}}: ||dL/dh_t|| of each recurrent module at each armed step."""
-    table = pq.read_table(path)
+    table = pq.ParquetFile(path).read()  # read_table imports pyarrow.dataset, slower than the read
     step, module = table["step"].to_numpy(), np.asarray(table["module"].to_pylist(), dtype=object)
     time, norm = table["time"].to_numpy(), table["backprop_norm"].to_numpy()
     out = {}
