@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from src import console
 from src.analysis import outputs, theory, verdict
 from src.callbacks import tags_of
+from src.callbacks.guards import CtrlCAtStepEnd
 from src.callbacks.progress import RunProgressBar
 from src.callbacks.pruning import TRIAL_ENV
 from src.config import build, validate
@@ -36,6 +37,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     module = build.lightning_module(cfg, net, data)
     callbacks = build.callbacks(cfg) + _trial_callbacks()
     bar = [RunProgressBar()] if cfg.trainer.enable_progress_bar else []  # Lightning refuses a bar it was told off
+    callbacks += [CtrlCAtStepEnd()]
     build.check_selection(callbacks, module)  # a selection that matches nothing: before any MLflow run exists
     no_theory = theory.not_applicable(net)
     prediction = None if no_theory else theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))

@@ -73,3 +73,41 @@ def test_where_to_look(monkeypatch, tmp_path):
     assert run_page("sqlite:////elsewhere/m.db", "1") == \
         "MLFLOW_TRACKING_URI='sqlite:////elsewhere/m.db' make ui, then " \
         "http://127.0.0.1:5100/#/experiments/1/runs?workflowType=machine_learning"
+
+
+def test_ctrl_c_stops_at_the_end_of_the_batch_and_the_handler_is_restored(tmp_path):
+    import os
+    import signal
+
+    import pytest
+
+    from src.callbacks.guards import CtrlCAtStepEnd
+
+    class PressAt(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered to this (the main) thread at once
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,))), batch_size=8)
+
+    def trainer(callbacks):
+        return L.Trainer(max_epochs=2, logger=False, callbacks=callbacks, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+    def module():
+        return Classifier(build_mlp(8, 3, activation="tanh", init="xavier_uniform", depth=2, width=8), "sgd",
+                          {"lr": 0.1})
+
+    before = signal.getsignal(signal.SIGINT)
+    calm = trainer([CtrlCAtStepEnd()])
+    calm.fit(module(), data)  # no Ctrl-C: the handler is put back as it was
+    assert calm.global_step == 16 and signal.getsignal(signal.SIGINT) == before
+    try:
+        pressed = trainer([PressAt(), CtrlCAtStepEnd()])
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown, which train() turns into exit 130
+            pressed.fit(module(), data)
+        # the batch that was running finished its step (Python's own handler would have stopped it at 3)
+        assert pressed.interrupted and pressed.global_step == 4
+    finally:
+        signal.signal(signal.SIGINT, before)  # Lightning left SIGINT ignored after its shutdown

@@ -1,4 +1,4 @@
-"""Callbacks that end a run early for a stated reason, without failing it.
+"""Callbacks that end a run early for a stated reason: a non-finite loss (without failing the run), Ctrl-C.
 
 Lightning's own options do not fit: `EarlyStopping(check_finite=True)` looks at a monitored metric only at
 epoch or validation ends (hundreds of NaN steps late on digits), and `Trainer(detect_anomaly=True)`
@@ -7,7 +7,9 @@ raises, which would fail the run and the sweep trial. So this is a few lines of 
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -34,6 +36,44 @@ class StopOnNonFiniteLoss(L.Callback):
     def tags(self) -> dict[str, str]:
         """The MLflow tag stop_reason, when the run was stopped."""
         return {"stop_reason": self.stop_reason} if self.stop_reason else {}
+
+
+class CtrlCAtStepEnd(L.Callback):
+    """Ctrl-C during fit takes effect at the end of the current batch, where Lightning's graceful shutdown (and
+    ours: the run marked KILLED, exit 130) always starts. Python raises KeyboardInterrupt wherever the main
+    thread is; inside a finalizer it is printed and ignored, and training went on. A second Ctrl-C interrupts
+    at once, as usual."""
+
+    def __init__(self) -> None:
+        self._pressed = False
+        self._previous = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._pressed, self._previous = False, signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._pressed:
+            raise KeyboardInterrupt
+        self._pressed = True
+
+    def on_train_batch_end(self, *_) -> None:
+        if self._pressed:
+            raise KeyboardInterrupt
+
+    on_validation_batch_end = on_train_batch_end
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        # only our own handler: on Ctrl-C Lightning has already ignored SIGINT for its shutdown, and keeps that
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
 
 
 @rank_zero_only
