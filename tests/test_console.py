@@ -72,7 +72,7 @@ def test_where_to_look(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_UI_PORT", "5100")
     assert run_page("sqlite:////elsewhere/m.db", "1") == \
         "MLFLOW_TRACKING_URI='sqlite:////elsewhere/m.db' make ui, then " \
-        "http://127.0.0.1:5100/#/experiments/1/runs?workflowType=machine_learning"
+        "http://127.0.0.1:5100/#/experiments/1/runs?viewStateShareKey=gradflow&workflowType=machine_learning"
 
 
 def test_ctrl_c_stops_at_the_end_of_the_batch_and_the_handler_is_restored(tmp_path):

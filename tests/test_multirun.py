@@ -27,7 +27,7 @@ def test_multirun_nests_four_children_under_one_parent(tmp_path):
     names = ["activation=sigmoid,init=xavier", "activation=sigmoid,init=he", "activation=relu,init=xavier",
              "activation=relu,init=he"]
     assert [row.split()[:2] for row in table] == [[n, "FINISHED"] for n in names]
-    assert look.startswith("look: ") and look.endswith("/runs?workflowType=machine_learning")
+    assert look.startswith("look: ") and look.endswith("/runs?viewStateShareKey=gradflow&workflowType=machine_learning")
     verdicts = [next(line for line in lines if line.startswith(f"{n}: ")).split()[1] for n in names]
     assert verdicts == [row.split()[2] for row in table]
 

@@ -11,6 +11,7 @@ import time
 from hydra.experimental.callback import Callback
 
 from src.tracking.env import PARENT_RUN_ENV, SWEEP_KEYS_ENV
+from src.tracking import view
 from src.tracking.retry import first_line, retrying
 from src.tracking.store import client, ensure_experiment, resolve_uri
 from src.tracking.urls import redact, run_page
@@ -67,6 +68,10 @@ class MultirunParentRun(Callback):
             print(f"mlflow: could not read the children back: {redact(first_line(e))}", file=sys.stderr)
             return
         print("\n" + children_table(runs))
+        try:
+            view.share(self.client, self.exp_id)  # the children's metric keys into the curated view
+        except Exception as e:  # noqa: BLE001 - the UI's own view still works
+            print(f"mlflow: could not write the curated view: {redact(first_line(e))}", file=sys.stderr)
         print(f"look: {run_page(self.uri, self.exp_id)}")
 
     def _finish(self, status: str) -> None:

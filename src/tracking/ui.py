@@ -1,4 +1,5 @@
-"""`make ui`: serve the MLflow UI on the project's store and point the user at the runs table.
+"""`make ui`: serve the MLflow UI on the project's store and point the user at the runs table, opened on the
+curated view (src.tracking.view) written into the experiment now.
 
 MLflow 3's UI opens an experiment on a GenAI traces overview unless the experiment is tagged as
 custom model development; experiments created here carry that tag, and older ones get it now.
@@ -17,7 +18,8 @@ import urllib.request
 import webbrowser
 
 from src.tracking.store import EXPERIMENT_KIND, client as mlflow_client, resolve_uri
-from src.tracking.urls import redact
+from src.tracking import view
+from src.tracking.urls import ML_VIEW, redact
 
 
 def main() -> int:
@@ -36,8 +38,10 @@ def main() -> int:
     exp = client.get_experiment_by_name(args.experiment)
     base = f"http://{args.host}:{args.port}"
     # workflowType selects the sidebar's "Model training" side for this visit (older UIs ignore it)
-    route = f"/experiments/{exp.experiment_id}/runs" if exp else "/"
-    url = f"{base}/#{route}?workflowType=machine_learning"
+    url = f"{base}/#/?{ML_VIEW}"
+    if exp is not None:
+        view.share(client, exp.experiment_id)  # with the metric keys of every run so far
+        url = view.runs_url(base, exp.experiment_id)
     # `kill` / a closed terminal end this process through the `finally` below, not around it
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(0))

@@ -19,13 +19,16 @@ def sqlite_path(uri: str) -> Path | None:
 
 # the MLflow UI opens on its GenAI layout unless the URL selects the model-training one
 ML_VIEW = "workflowType=machine_learning"
+# the curated runs view's share key (src.tracking.view writes it)
+VIEW_KEY = "gradflow"
 
 
 def run_page(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """Where a person looks at a run (or, without one, at the experiment's runs): its page on the tracking
-    server, or for a store without a server `make ui` (told the store where it is not the one `make ui`
+    """Where a person looks at a run (or, without one, at the experiment's runs in the curated view): its page
+    on the tracking server, or for a store without a server `make ui` (told the store where it is not the one `make ui`
     finds) and the page it serves."""
-    route = f"/#/experiments/{experiment_id}/runs{'/' + run_id if run_id else ''}?{ML_VIEW}"
+    route = (f"/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}" if run_id
+             else f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{ML_VIEW}")
     if uri.startswith(("http://", "https://")):
         return redact(uri.rstrip("/")) + route
     found = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # as make ui
