@@ -10,8 +10,8 @@ import time
 
 from hydra.experimental.callback import Callback
 
-from src.tracking.env import PARENT_RUN_ENV, SWEEP_KEYS_ENV
 from src.tracking import view
+from src.tracking.env import PARENT_RUN_ENV, SWEEP_KEYS_ENV
 from src.tracking.retry import first_line, retrying
 from src.tracking.store import client, ensure_experiment, resolve_uri
 from src.tracking.urls import redact, run_page
@@ -56,10 +56,10 @@ class MultirunParentRun(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if self.run_id:
-            self._print_children(config)
+            self._print_children()
         self._finish("FAILED" if self.failed else "FINISHED")
 
-    def _print_children(self, config) -> None:
+    def _print_children(self) -> None:
         """The children's table: name, verdict, headline metrics; and where to look."""
         try:
             runs = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",

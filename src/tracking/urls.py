@@ -25,8 +25,8 @@ VIEW_KEY = "gradflow"
 
 def run_page(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """Where a person looks at a run (or, without one, at the experiment's runs in the curated view): its page
-    on the tracking server, or for a store without a server `make ui` (told the store where it is not the one `make ui`
-    finds) and the page it serves."""
+    on the tracking server, or for a store without a server `make ui` (told the store where it is not the one
+    `make ui` finds) and the page it serves."""
     route = (f"/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}" if run_id
              else f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{ML_VIEW}")
     if uri.startswith(("http://", "https://")):
