@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from src.callbacks.taps import ModuleTaps
 from src.stats.histograms import HistogramWriter, log10_histograms
-from src.stats.modules import recorded_modules
+from src.stats.modules import as_one, recorded_modules
 
 
 class HistogramCallback(L.Callback):
@@ -50,12 +49,12 @@ class HistogramCallback(L.Callback):
         tensors = {}
         for i, r in enumerate(self.taps.recorded):  # the last micro-batch's signal and outputs stand for it
             if self.taps.signals[i]:
-                tensors[(i, "backprop")] = _joined(self.taps.signals[i])
+                tensors[(i, "backprop")] = as_one(self.taps.signals[i])
             if self.taps.act_out[i] is not None:
                 tensors[(i, "act")] = self.taps.act_out[i]
             grads = [p.grad for p in r.params if p.grad is not None]
             if grads:  # before clipping, which would change them in place
-                tensors[(i, "grad")] = _joined(grads)
+                tensors[(i, "grad")] = as_one(grads)
         keys = sorted(tensors)
         if keys:
             self._pending = dict(zip(keys, log10_histograms([tensors[k] for k in keys])))
@@ -83,8 +82,3 @@ class HistogramCallback(L.Callback):
         """The files this callback wrote, by role: the histograms (closed first)."""
         path = self.writer.close() if self.writer is not None else None
         return {"histograms": path} if path else {}
-
-
-def _joined(tensors: list) -> torch.Tensor:
-    """One tensor, or several flattened into one (a module's tensors, or its calls' signals)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from src.stats import fused
 from src.stats import reductions as stats
+from src.stats.modules import as_one
 from src.stats.names import GRAD_STATS
 
 # Gradients and weights are buffered (and reduced at flush) when all modules zero-padded to the largest one
@@ -147,7 +148,7 @@ class PerTensorParams:
         out, at = [], 0
         for n in self._sizes:
             part = tensors[at:at + n]
-            out.append(part[0] if n == 1 else torch.cat([t.reshape(-1) for t in part]))
+            out.append(as_one(part))
             at += n
         return out
 

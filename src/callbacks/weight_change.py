@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from src.stats.modules import recorded_modules
+from src.stats.modules import as_one, recorded_modules
 from src.stats.names import module_key
 
 
@@ -36,9 +36,8 @@ class WeightChangeCallback(L.Callback):
         self._before: list[torch.Tensor] | None = None
 
     def _weights(self) -> list[torch.Tensor]:
-        """Each module's weights as one flat tensor (a view where it has one)."""
-        return [r.params[0].detach().reshape(-1) if len(r.params) == 1 else
-                torch.cat([p.detach().reshape(-1) for p in r.params]) for r in self.recorded]
+        """Each module's weights as one tensor (the parameter itself where it has one)."""
+        return [as_one([p.detach() for p in r.params]) for r in self.recorded]
 
     def on_fit_start(self, trainer, pl_module):
         self.recorded = recorded_modules(pl_module, **self.selection, who=type(self).__name__)

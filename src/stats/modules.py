@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 # The kinds a module is recorded as (the trace's `kind` column, `stats.types`); "other" is any module of the
@@ -42,6 +43,11 @@ class Recorded:
     module: nn.Module
     names: tuple[str, ...]        # the module's own parameters the weight family covers
     params: list[nn.Parameter] = field(repr=False)
+
+
+def as_one(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A module's tensors taken together: the one tensor itself, or several flattened into one (a copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
 
 
 def kind_of(module: nn.Module) -> str:

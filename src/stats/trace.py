@@ -69,10 +69,9 @@ def read_trace(path: str | Path) -> dict[str, np.ndarray]:
     row = np.searchsorted(steps, table["step"].to_numpy())
     col = table["layer"].to_numpy().astype(np.int64)
     out: dict[str, np.ndarray] = {"steps": steps, "layers": layers}
-    head = pq.ParquetFile(path).read_row_group(0, columns=["layer", "module", "kind"])  # every module's step 0
-    at = np.unique(head["layer"].to_numpy(), return_index=True)[1]
+    first = np.unique(col, return_index=True)[1]  # each module's first row, in the order of `layers`
     for name, key in (("module", "modules"), ("kind", "kinds")):
-        out[key] = np.asarray(head[name].to_pylist(), dtype=object)[at]
+        out[key] = np.asarray(table[name].take(first).to_pylist(), dtype=object)
     for name in table.column_names:
         if name in ("step", "layer", "module", "kind"):
             continue
