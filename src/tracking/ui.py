@@ -19,7 +19,7 @@ import webbrowser
 
 from src.tracking.store import EXPERIMENT_KIND, client as mlflow_client, resolve_uri
 from src.tracking import view
-from src.tracking.urls import ML_VIEW, redact
+from src.tracking.urls import ML_VIEW, page_route, redact
 
 
 def main() -> int:
@@ -41,7 +41,7 @@ def main() -> int:
     url = f"{base}/#/?{ML_VIEW}"
     if exp is not None:
         view.share(client, exp.experiment_id)  # with the metric keys of every run so far
-        url = view.runs_url(base, exp.experiment_id)
+        url = base + page_route(exp.experiment_id)
     # `kill` / a closed terminal end this process through the `finally` below, not around it
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(0))

@@ -23,12 +23,17 @@ ML_VIEW = "workflowType=machine_learning"
 VIEW_KEY = "gradflow"
 
 
+def page_route(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI's route to a run's page, or without one to the experiment's runs in the curated view."""
+    return (f"/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}" if run_id
+            else f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{ML_VIEW}")
+
+
 def run_page(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """Where a person looks at a run (or, without one, at the experiment's runs in the curated view): its page
     on the tracking server, or for a store without a server `make ui` (told the store where it is not the one
     `make ui` finds) and the page it serves."""
-    route = (f"/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}" if run_id
-             else f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{ML_VIEW}")
+    route = page_route(experiment_id, run_id)
     if uri.startswith(("http://", "https://")):
         return redact(uri.rstrip("/")) + route
     found = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # as make ui

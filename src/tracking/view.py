@@ -16,7 +16,7 @@ import zlib
 
 from mlflow.tracking import MlflowClient
 
-from src.tracking.urls import ML_VIEW, VIEW_KEY
+from src.tracking.urls import VIEW_KEY
 
 TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 # the UI refuses experiment tag values above this many characters
@@ -26,11 +26,6 @@ COLUMNS = ["tags.`verdict`", "metrics.`val/acc`", "metrics.`backprop_ratio`", "p
 # one chart per statistic, every module's line in it
 CHARTED = ("backprop_norm", "grad_norm", "act_saturation", "update_ratio")
 HEADLINE = ("val/acc", "train/loss", "backprop_ratio")
-
-
-def runs_url(base: str, experiment_id: str) -> str:
-    """The experiment's runs page opened on the curated view, in the model-training layout."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{ML_VIEW}"
 
 
 def _chart(uuid: str, section: str, name: str, keys: list[str], deleted: bool = False, log: bool = False) -> dict:
