@@ -8,7 +8,7 @@ import time
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src import console
 from src.analysis import outputs, theory, verdict
@@ -23,7 +23,7 @@ from src.tracking.env import PARENT_RUN_ENV
 from src.tracking.logger import MlflowAsyncLogger
 from src.tracking.run import TrackedRun
 from src.tracking.store import TrackingUnavailable, resolve_uri
-from src.tracking.urls import run_page
+from src.tracking.urls import redact, run_page
 
 
 def train(cfg: DictConfig) -> dict[str, float | str]:
@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     build.check_selection(callbacks, module)  # a selection that matches nothing: before any MLflow run exists
     no_theory = theory.not_applicable(net)
     prediction = None if no_theory else theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))
+    chi1 = prediction.chi1 if prediction else None
     out_dir, name, uri = build.output_dir(), build.run_name(cfg), resolve_uri(cfg.tracking.uri)
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
                     server_timeout=cfg.tracking.server_timeout) as run:
@@ -55,22 +56,23 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         finally:  # what was recorded reaches MLflow even when fit failed
             fit_s = time.perf_counter() - started
             run.log_artifact(build.saved_config(cfg, out_dir), "hydra")
-            trace, through_time = outputs.record(run.log_artifact, callbacks, logger.history, out_dir, name,
-                                   prediction.chi1 if prediction else None, cfg.tracking.plots, per_epoch)
-            artifacts_s = time.perf_counter() - started - fit_s
+            got = outputs.record(run.log_artifact, callbacks, logger.history, out_dir, name, chi1,
+                                 cfg.tracking.plots, per_epoch)
         run.writer.set_tags(tags_of(callbacks))
-        # Lightning's fit alone, then the trace, figures and uploads after it; the rest of a run is set-up
-        timing = {"time/fit_s": fit_s, "time/artifacts_s": artifacts_s}
-        results = {k: float(v) for k, v in trainer.callback_metrics.items() if not is_module_key(k)} | timing
-        run.writer.log_metrics(timing, step=trainer.global_step)
-        if trace is not None and prediction is not None:
-            run.writer.log_metrics(theory.metrics(prediction, trace), 0)
+        results = {k: float(v) for k, v in trainer.callback_metrics.items() if not is_module_key(k)}
+        results["time/fit_s"] = fit_s  # Lightning's fit alone; the rest of a run is set-up or what follows fit
+        if got.trace is not None and prediction is not None:
+            run.writer.log_metrics(theory.metrics(prediction, got.trace), 0)
         if no_theory:
             run.writer.set_tags({"theory": f"not applicable: {no_theory}"})
-        judged = verdict.diagnose(trace, logger.history, build.judged_activation(cfg, net),
-                                  verdict.from_config(build.plain(cfg.verdict)), through_time, data.constant_loss)
+        judged = verdict.diagnose(got.trace, logger.history, build.judged_activation(cfg, net),
+                                  verdict.from_config(build.plain(cfg.verdict)), got.through_time, data.constant_loss)
         run.writer.set_tags(judged.tags())
         headline = results | _last(logger.history, ("backprop_ratio", "backprop_time_ratio"))
+        outputs.report(run.log_artifact, got, out_dir, name, judged, headline, logger.history, chi1,
+                       redact(OmegaConf.to_yaml(cfg)))
+        results["time/artifacts_s"] = time.perf_counter() - started - fit_s  # everything after fit, report included
+        run.writer.log_metrics({k: results[k] for k in ("time/fit_s", "time/artifacts_s")}, step=trainer.global_step)
         if os.environ.get(PARENT_RUN_ENV):  # one of many: one line, the multirun's table comes at its end
             print(f"{name}: {judged.verdict}  " + console.metrics_line(headline))
         else:

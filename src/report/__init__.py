@@ -1,0 +1,1 @@
+"""Self-contained HTML reports (no network, readable in MLflow's artifact viewer): one per run, one per sweep."""
