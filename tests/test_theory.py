@@ -96,7 +96,7 @@ def test_train_logs_theory_histograms_and_their_figures(tracking_uri, compose_cf
 
     train(compose_cfg(["trainer.max_epochs=1", "trainer.max_steps=12", "trainer.log_every_n_steps=4",
                        "trainer.enable_progress_bar=false", "model.depth=3", "model.width=16",
-                       "activation=relu", "init=he", "stats.histogram_every_n_steps=5"]))
+                       "activation=relu", "init=he", "stats.histogram_every_n_steps=5", "tracking.plots=true"]))
     client, [run] = runs_of(tracking_uri)
     m = run.data.metrics
     assert {f"theory/chi1/layer_{i:02d}" for i in range(3)} | {"theory/chi1_mean", "theory/depth_scale"} <= set(m)

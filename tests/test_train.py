@@ -40,8 +40,17 @@ def test_train_end_to_end(tracking_uri, compose_cfg):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/layer_00")] == list(range(0, 50, 4))
 
     arts = {a.path for d in ("", "hydra", "trace", "plots") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"hydra/config.yaml", "trace/trace.parquet", "plots/gradient_flow.png", "plots/layer_norms.png",
-            "plots/saturation.png", "plots/curves.png"} <= arts
+    assert {"report.html", "hydra/config.yaml", "trace/trace.parquet"} <= arts
+    assert not any(a.startswith("plots/") for a in arts)  # the PNG figures are opt-in (tracking.plots=true)
+    page = open(client.download_artifacts(run.info.run_id, "report.html")).read()
+    assert "<b>healthy</b>" in page and "tanh-he-d3" in page and "backprop_norm" in page
+
+
+def test_png_figures_on_request(tracking_uri, compose_cfg):
+    train(compose_cfg([*FAST, "tracking.plots=true"]))
+    client, [run] = runs_of(tracking_uri)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/gradient_flow.png", "plots/layer_norms.png", "plots/saturation.png", "plots/curves.png"} <= arts
 
 
 def test_stats_off_records_no_layer_metrics(tracking_uri, compose_cfg):

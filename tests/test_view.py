@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -68,6 +69,14 @@ def test_make_ui_opens_on_the_children_and_the_columns(tmp_path):
         dom = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                               "--virtual-time-budget=30000", "--window-size=1600,1000", "--dump-dom", url],
                              capture_output=True, text=True, timeout=180).stdout
+        # every child has its HTML report, served by the UI (as text: its artifact viewer draws it in a sandboxed
+        # frame; tests/test_report.py draws the same page in Chromium)
+        children = MlflowClient(uri).search_runs([runs_experiment(uri)], "tags.verdict LIKE '%'")
+        assert len(children) == 4
+        for child in children:
+            served = urllib.request.urlopen(f"{url.split('/#')[0]}/get-artifact?path=report.html&run_uuid="
+                                            f"{child.info.run_id}", timeout=30).read().decode()
+            assert f"<b>{child.data.tags['verdict']}</b>" in served and "gradflow-data" in served
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # make ui's process group: the UI server and its helpers
         ui.wait(timeout=30)
@@ -76,6 +85,10 @@ def test_make_ui_opens_on_the_children_and_the_columns(tmp_path):
         assert f">{child}<" in dom, child
     for column in ("tags.`verdict`", "metrics.`val/acc`", "metrics.`backprop_ratio`"):
         assert f'col-id="{column}"' in dom, column
+
+
+def runs_experiment(uri: str) -> str:
+    return MlflowClient(uri).get_experiment_by_name("gradflow").experiment_id
 
 
 @pytest.mark.slow
@@ -93,4 +106,7 @@ def test_a_multirun_to_a_server_leaves_the_view_on_its_experiment(mlflow_server,
         ["activation=relu", "activation=sigmoid"]
     charted = {c["displayName"]: c["selectedMetricKeys"] for c in state["compareRunCharts"] if not c["deleted"]}
     assert len(charted["grad_norm"]) == 11  # every Linear of the default 10-layer MLP
+    for run in client.search_runs([exp.experiment_id], state["searchFilter"]):  # the reports reached the server
+        page = open(client.download_artifacts(run.info.run_id, "report.html")).read()
+        assert f"<b>{run.data.tags['verdict']}</b>" in page
     assert f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=gradflow" in done.stdout
