@@ -9,7 +9,7 @@ fresh studies and MLflow stores under a temporary folder: one worker with the th
 is the fairer baseline), and two workers (cores/2 threads each); with `--repeats N` the three run N times, in
 reversed order every other time, and ratios are the median of each repeat's own. The per-trial overhead
 is a trial's wall time (claim to result, as Optuna records it) minus the time its Lightning fit took
-(`time/fit_s`) and the time its trace, figures and uploads took after it
+(`time/fit_s`) and the time its trace, verdict and report took after it
 (`time/artifacts_s`, shown apart): fork, Hydra job set-up, MLflow run creation, data loading, the verdict.
 A command splits into its start-up (command start to the first claim: imports, stores, queueing), the grid
 phase (first claim to last result) and the report (last result to exit). Last lines: `workers_2_vs_1=<ratio>`
@@ -57,7 +57,7 @@ def run_sweep(tmp: Path, grid: list[str], workers: int, epochs: int, threads: in
     tag = f"w{workers}t{threads}"
     storage, uri = f"journal:{tmp}/{tag}.journal", f"sqlite:///{tmp}/{tag}.db"
     cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *grid, f"trainer.max_epochs={epochs}",
-           "tracking.plots=true", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
+           f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
            f"hydra.sweep.dir={tmp}/sweeps-{tag}"] + ([f"hydra.sweeper.torch_threads={threads}"] if threads else [])
     tmp.mkdir(parents=True, exist_ok=True)
     began, t0 = datetime.now(), time.perf_counter()

@@ -54,3 +54,9 @@ def test_ab_against_this_commit():
     out = bench("benchmarks/ab.py", "--baseline", "HEAD", "--rounds", "1", "--models", "small", "--",
                 "--steps", "8", "--warmup", "2")
     assert ratio(out, "ab_small_stats_now_vs_base") > 0
+
+
+def test_after_fit():
+    out = bench("benchmarks/after_fit.py", "--repeats", "1", "trainer.max_steps=20", "model.depth=3")
+    assert ratio(out, "after_fit_vs_fit") > 0 and ratio(out, "png_vs_report") > 0
+    assert re.search(r"^\| tracking.plots=true \(report \+ PNGs\) \|", out, re.M)

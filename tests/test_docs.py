@@ -87,7 +87,8 @@ def test_every_metric_and_artifact_named_is_what_a_run_logs(tracking_uri, compos
     artifact is in the store."""
     from src.train import train
 
-    common = ["trainer.max_epochs=1", "stats.log_every_n_steps=5", "trainer.enable_progress_bar=false"]
+    common = ["trainer.max_epochs=1", "stats.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+              "tracking.plots=true"]
     train(compose_cfg(["model.depth=3", "callbacks=weight_change", "tracking.epoch_stats=true", *common,
                        "tracking.run_name=mlp"]))
     train(compose_cfg(["model=rnn", "data=adding", "data.seq_len=8", "data.n_samples=320", *common,
@@ -103,9 +104,9 @@ def test_every_metric_and_artifact_named_is_what_a_run_logs(tracking_uri, compos
     assert not documented - logged, sorted(documented - logged)
 
     files = {f.path for r in runs for d in client.list_artifacts(r.info.run_id)
-             for f in client.list_artifacts(r.info.run_id, d.path)}
-    named = set(re.findall(r"`((?:trace|plots|hydra)/[a-z_]+\.(?:parquet|png|csv|yaml))`", ALL))
+             for f in ([d] if not d.is_dir else client.list_artifacts(r.info.run_id, d.path))}
+    named = set(re.findall(r"`((?:trace|plots|hydra)/[a-z_]+\.(?:parquet|png|csv|yaml)|report\.html)`", ALL))
     for short in re.findall(r"`(layer_norms|saturation|curves|theory|hist_grad|hist_backprop|hist_act)\.png`", ALL):
         named.add(f"plots/{short}.png")
-    assert len(named) > 10 and "trace/time_trace.parquet" in named
+    assert len(named) > 10 and {"trace/time_trace.parquet", "report.html"} <= named
     assert not named - files, sorted(named - files)
