@@ -14,6 +14,7 @@ from src.tracking.spool import replay
 from src.tracking.store import TrackingUnavailable, ensure_experiment, resolve_uri
 from src.tracking.urls import redact
 from src.tracking.writer import AsyncRunWriter
+from tests.conftest import ROOT, runs_of
 
 
 def test_resolve_uri_precedence(monkeypatch, tmp_path):
@@ -22,7 +23,8 @@ def test_resolve_uri_precedence(monkeypatch, tmp_path):
     assert resolve_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_uri("sqlite:///x.db") == "sqlite:///x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_uri("sqlite:///x.db") == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:///x.db") == "sqlite:///x.db"  # an explicit value wins, as in MLflow
+    assert resolve_uri(None) == "http://127.0.0.1:5000"
 
 
 def test_redact_hides_passwords():
@@ -172,3 +174,25 @@ def test_a_run_that_cannot_be_created_says_so_in_one_line(monkeypatch):
 def test_redact_finds_urls_inside_messages():
     msg = "API request to http://bob:s3cret@host:5000/api/2.0/x failed; retry http://amy:pw@h/"
     assert redact(msg) == "API request to http://bob:***@host:5000/api/2.0/x failed; retry http://amy:***@h/"
+
+
+def test_an_explicit_tracking_uri_wins_over_the_environment(tracking_uri, compose_cfg, tmp_path):
+    from src.train import train
+
+    explicit = f"sqlite:///{tmp_path / 'explicit.db'}"  # tracking_uri is $MLFLOW_TRACKING_URI here
+    train(compose_cfg(["trainer.max_steps=2", "trainer.enable_progress_bar=false", "model.depth=2",
+                       f"tracking.uri={explicit}"]))
+    assert len(runs_of(explicit)[1]) == 1 and runs_of(tracking_uri)[1] == []
+
+
+def test_an_explicit_sweep_storage_wins_over_the_environment(monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setenv("GRADFLOW_SWEEP_STORAGE", "journal:from-env.journal")
+    for overrides, want in (([], "journal:from-env.journal"),
+                            (["hydra.sweeper.storage=journal:explicit.journal"], "journal:explicit.journal")):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["hparams_search=grid", *overrides], return_hydra_config=True)
+        assert cfg.hydra.sweeper.storage == want

@@ -6,7 +6,6 @@ Hydra itself already rejects unknown config-group options (listing the available
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -145,7 +144,7 @@ def problems(cfg) -> list[str]:
     uri = resolve_uri(c["tracking"]["uri"])
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme not in TRACKING_SCHEMES or (scheme in ("http", "https") and not urlparse(uri).hostname):
-        source = "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+        source = "tracking.uri" if c["tracking"]["uri"] else "$MLFLOW_TRACKING_URI"
         out.append(f"{source}={redact(uri)!r}: not a tracking URI; use e.g. sqlite:///mlflow.db, "
                    "http://host:5000 or postgresql://user@host/db")
     return out
