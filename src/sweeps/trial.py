@@ -115,9 +115,15 @@ def trial_callbacks() -> list:
     return [OptunaPruning(optuna.Trial(study, spec["trial_id"]), spec["metric"])]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (what SLURM, taskset or a container's cpuset gave
+    it), not os.cpu_count(), which counts the whole node."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def threads(sw) -> int:
-    """torch threads per trial: as configured, else the cores shared out among this machine's workers."""
-    return int(sw.torch_threads or max(1, (os.cpu_count() or 1) // int(sw.n_jobs or 1)))
+    """torch threads per trial: as configured, else the usable CPUs shared out among this machine's workers."""
+    return int(sw.torch_threads or max(1, usable_cpus() // int(sw.n_jobs or 1)))
 
 
 def close_mlflow_run(mlflow, run_id: str | None, status: str) -> None:
