@@ -81,3 +81,45 @@ def test_a_selection_that_matches_nothing_or_is_not_a_pattern_exits_2_before_any
                               env={**os.environ, "MLFLOW_TRACKING_URI": uri}, text=True, timeout=120)
         assert done.returncode == 2 and "Traceback" not in done.stderr and says in done.stderr, done.stderr
     assert runs_of(uri)[1] == []
+
+
+@pytest.mark.parametrize("override, says", [
+    ("+stats.every_n_step=5", "+stats.every_n_step: no part of the program reads this key; did you mean "
+                              "`stats.every_n_steps`?"),
+    ("+trainer.max_step=100", "+trainer.max_step: no part of the program reads this key; did you mean "
+                              "`trainer.max_steps`?"),
+    ("+nonexistent=1", "+nonexistent: no part of the program reads this key"),
+    ("+trainer.bogus=1", "+trainer.bogus: no part of the program reads this key"),
+    ("+model.dropout=0.1", "+model.dropout: no part of the program reads this key"),
+])
+def test_an_added_key_that_nothing_reads_is_named(compose_cfg, tracking_uri, override, says):
+    found = validate.problems(compose_cfg([override]))
+    assert len(found) == 1 and found[0].startswith(says.split(";")[0]) and says in found[0], found
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+trainer.limit_val_batches=2"],  # a Trainer argument our YAML does not set
+    ["+data.limit_train=100"],  # read with a default by our code
+    ["model=cnn", "++model.depth=2"],  # ++ on a key the YAML sets
+    ["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor", "+callbacks.lr.logging_interval=step"],
+])
+def test_added_keys_that_are_read_pass(compose_cfg, tracking_uri, overrides):
+    assert validate.problems(compose_cfg(overrides)) == []
+
+
+def test_a_misspelt_argument_of_a_callback_of_ones_own(compose_cfg, tracking_uri):
+    found = validate.problems(compose_cfg(["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+                                           "+callbacks.lr.logging_intervl=step"]))
+    assert found == ["+callbacks.lr.logging_intervl: no part of the program reads this key; did you mean "
+                     "`callbacks.lr.logging_interval`?"]
+
+
+@pytest.mark.slow
+def test_a_typo_exits_2_before_any_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for override in ("+stats.every_n_step=5", "+trainer.bogus=1"):
+        done = subprocess.run([sys.executable, "-m", "src.train", override], cwd=ROOT, capture_output=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri}, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"{override.split('=')[0]}: no part of the program reads this key" in done.stderr
+    assert runs_of(uri)[1] == []

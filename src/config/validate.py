@@ -2,7 +2,8 @@
 
 `problems(cfg)` returns one short sentence per problem, naming the key and what is allowed; `main` prints
 them and exits 2 instead of letting a bad value surface as a traceback minutes into a run.
-Hydra itself already rejects unknown config-group options (listing the available ones) and unknown keys.
+Hydra itself rejects unknown config-group options (listing the available ones) and unknown keys set without
+`+`; src.config.keys rejects keys added with `+` that nothing reads.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from src.analysis import verdict
+from src.config import keys
 from src.data.datasets import DATASETS, SOURCES
 from src.models import registry
 from src.models.mlp import NORMS
@@ -30,6 +32,13 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _task_overrides() -> list[str]:
+    """The command line's overrides, where Hydra's runtime is set (a run started by `python -m src.train`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 class ConfigError(ValueError):
     """One or more config values are unusable; str() lists them, one per line."""
 
@@ -41,8 +50,8 @@ def check(cfg) -> None:
 
 
 def problems(cfg) -> list[str]:
+    out: list[str] = keys.problems(cfg, _task_overrides())  # first: a typo'd key explains what follows
     c = OmegaConf.to_container(cfg, resolve=True)
-    out: list[str] = []
 
     def need(ok: bool, key: str, what: str, value) -> None:
         if not ok:
