@@ -18,3 +18,61 @@ def test_trial_threads_follow_the_affinity_mask_not_the_node():
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split()
     assert int(out[0]) >= 2 and out[1:] == ["1", "1"]  # the node has more; the job owns one
+
+
+REDIS = os.environ.get("GRADFLOW_TEST_REDIS", "redis://127.0.0.1:6379/15")  # a database of its own: flushed
+
+
+def _redis_or_skip():
+    redis = pytest.importorskip("redis", reason="the redis extra: pip install -e '.[redis]'")
+    try:
+        client = redis.Redis.from_url(REDIS, socket_connect_timeout=2)
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis answers at {REDIS} ($GRADFLOW_TEST_REDIS)")
+    return client
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_on_redis(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from src.sweeps.space import point_key
+    from src.sweeps.storage import open_storage
+
+    client = _redis_or_skip()
+    client.flushdb()
+    try:
+        args = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", "activation=sigmoid,relu",
+                "init=xavier,he", "model.depth=1", "trainer.max_epochs=1", "+trainer.limit_train_batches=4",
+                "+trainer.limit_val_batches=2", "model.width=16", f"hydra.sweeper.storage={REDIS}",
+                "hydra.sweeper.study_name=redis", f"hydra.sweep.dir={tmp_path / 'sweeps'}"]
+        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+        workers = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True) for _ in range(2)]
+        for w in workers:
+            assert w.wait(600) == 0, w.stderr.read()[-3000:]
+        trials = optuna.load_study(study_name="redis", storage=open_storage(REDIS)).get_trials()
+        complete = [point_key(t.params) for t in trials if t.state == TrialState.COMPLETE]
+        assert len(complete) == 4 and len(set(complete)) == 4, [(t.state, t.params) for t in trials]
+    finally:
+        client.flushdb()
+
+
+def test_a_redis_storage_without_the_package_says_which_extra(monkeypatch):
+    import builtins
+
+    from src.sweeps.space import SweepConfigError
+    from src.sweeps.storage import open_storage
+
+    real = builtins.__import__
+
+    def no_redis(name, *args, **kwargs):  # the package absent, as in an install without the extra
+        if name == "redis" or name.startswith("redis."):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_redis)
+    with pytest.raises(SweepConfigError, match=r"needs the redis package: pip install -e '\.\[redis\]'"):
+        open_storage("redis://127.0.0.1:6379/15")

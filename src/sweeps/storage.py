@@ -34,7 +34,11 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if scheme == "redis":
-        return JournalStorage(JournalRedisBackend(url))
+        try:
+            return JournalStorage(JournalRedisBackend(url))
+        except ImportError:  # Optuna imports the client only here
+            raise SweepConfigError(f"hydra.sweeper.storage={redact(url)}: a Redis storage needs the redis package: "
+                                   "pip install -e '.[redis]'") from None
     if scheme in RDB_SCHEMES:
         lock = nullcontext()
         # Workers that create the schema of a new database at once collide on its version table.
