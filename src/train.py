@@ -53,13 +53,14 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         started = time.perf_counter()
         try:
             _fit(trainer, module, data)
+            final = _validate_the_last_steps(trainer, module, data, logger.history)
         finally:  # what was recorded reaches MLflow even when fit failed
             fit_s = time.perf_counter() - started
             run.log_artifact(build.saved_config(cfg, out_dir), "hydra")
             got = outputs.record(run.log_artifact, callbacks, logger.history, out_dir, name, chi1,
                                  cfg.tracking.plots, per_epoch)
         run.writer.set_tags(tags_of(callbacks))
-        results = {k: float(v) for k, v in trainer.callback_metrics.items() if not is_module_key(k)}
+        results = {k: float(v) for k, v in final.items() if not is_module_key(k)}
         results["time/fit_s"] = fit_s  # Lightning's fit alone; the rest of a run is set-up or what follows fit
         if got.trace is not None and prediction is not None:
             run.writer.log_metrics(theory.metrics(prediction, got.trace), 0)
@@ -93,6 +94,20 @@ def _trial_callbacks() -> list:
     from src.sweeps.trial import trial_callbacks
 
     return trial_callbacks()
+
+
+def _validate_the_last_steps(trainer: L.Trainer, module, data, history: dict) -> dict:
+    """Validate once more when training went on after the last validation (max_steps ended an epoch early, or
+    ended the first one), so that val/* describe the net as trained and a sweep's objective always exists.
+    Returns the run's final metrics: the training ones of fit, the latest validation."""
+    metrics = dict(trainer.callback_metrics)
+    val = history.get("val/loss") or history.get("val/acc")
+    if trainer.global_step and trainer.limit_val_batches and (not val or val[-1][0] < trainer.global_step - 1):
+        if trainer.progress_bar_callback is not None:  # the run's one bar has ended with fit
+            trainer.progress_bar_callback.disable()
+        trainer.validate(module, datamodule=data, verbose=False)
+        metrics |= trainer.callback_metrics
+    return metrics
 
 
 def _fit(trainer: L.Trainer, module, data) -> None:

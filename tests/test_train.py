@@ -90,3 +90,14 @@ def test_unknown_option_fails_before_any_run(tracking_uri, compose_cfg):
     with pytest.raises(ValueError, match="activation.name='swish': must be one of .*sigmoid"):
         train(cfg)
     assert runs_of(tracking_uri)[1] == []
+
+
+def test_a_run_that_stops_inside_an_epoch_is_validated_at_its_end(tracking_uri, compose_cfg):
+    # digits: 45 steps an epoch. 40 steps never reach the first validation; 90 end on an epoch's own.
+    for steps, want in ((40, [40]), (90, [44, 89])):
+        metrics = train(compose_cfg([*FAST, f"trainer.max_steps={steps}", "trainer.max_epochs=3",
+                                     f"tracking.run_name=s{steps}"]))
+        client, runs = runs_of(tracking_uri)
+        run = next(r for r in runs if r.info.run_name == f"s{steps}")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == want
+        assert "val/acc" in metrics and "train/loss" in metrics
