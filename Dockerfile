@@ -9,16 +9,17 @@ FROM python:3.11.11-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 1000 app
 WORKDIR /app
+COPY deploy/constraints.txt /tmp/constraints.txt
 
 FROM base AS mlflow
-RUN pip install "mlflow[auth]==3.17.2" "psycopg[binary]==3.3.9" boto3==1.44.5
+RUN pip install -c /tmp/constraints.txt "mlflow[auth]" "psycopg[binary]" boto3
 # The volume mounted on /mlflow inherits this owner: artifacts and the auth database live there.
 RUN mkdir -p /mlflow/artifacts /mlflow/auth && chown -R app /mlflow
 USER app
 EXPOSE 5000
 
 FROM base AS dashboard
-RUN pip install optuna==5.0.0 optuna-dashboard==0.21.0 "psycopg[binary]==3.3.9"
+RUN pip install -c /tmp/constraints.txt optuna optuna-dashboard "psycopg[binary]"
 USER app
 EXPOSE 8080
 
@@ -29,9 +30,11 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 # a C compiler for the fused statistics kernel (src/stats/fused.c); without one the slower torch path runs
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+# hydra_plugins/: where Hydra finds our sweeper (hparams_search=grid|tpe); conf/ is installed with the package
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY conf ./conf
-RUN pip install . && chown -R app /app
+COPY hydra_plugins ./hydra_plugins
+RUN pip install -c /tmp/constraints.txt . && chown -R app /app
 USER app
 CMD ["python", "-m", "src.train", "debug=fast"]

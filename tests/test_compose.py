@@ -124,7 +124,8 @@ def test_images_build_nothing_secret():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert not re.search(r"^\s*(ARG|ENV)\s+\S*(PASSWORD|SECRET|TOKEN)", dockerfile, re.M | re.I)
     copies = re.findall(r"^COPY\s+(.+?)\s+\S+$", dockerfile, re.M)
-    assert copies and all(src in ("pyproject.toml README.md", "src", "conf") for src in copies), copies
+    assert copies and all(src in ("deploy/constraints.txt", "pyproject.toml README.md", "src", "conf", "hydra_plugins")
+                          for src in copies), copies
     targets = set(re.findall(r"^FROM \S+ AS (\w+)", dockerfile, re.M))
     services = rendered(FILES["base"])["services"]
     assert {s["build"]["target"] for s in services.values() if "build" in s} <= targets
