@@ -60,3 +60,9 @@ def test_after_fit():
     out = bench("benchmarks/after_fit.py", "--repeats", "1", "trainer.max_steps=20", "model.depth=3")
     assert ratio(out, "after_fit_vs_fit") > 0 and ratio(out, "png_vs_report") > 0
     assert re.search(r"^\| tracking.plots=true \(report \+ PNGs\) \|", out, re.M)
+
+
+def test_pruner():
+    out = bench("benchmarks/pruner.py", "--workers", "1", "activation=sigmoid,relu", "init=he", "model.depth=10",
+                "trainer.max_epochs=2")
+    assert ratio(out, "pruner_wall_ratio") > 0 and "pruned: 1 of 2 points" in out
