@@ -56,12 +56,15 @@ def to_json(data) -> str:
 
 
 def document(title: str, body: str, data: dict) -> str:
-    """The whole page."""
+    """The whole page; uPlot (50 KB) only where `data` has line charts."""
+    charts = bool(data.get("charts"))
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-            f"<title>{html.escape(title)}</title><style>{_asset('uPlot.min.css')}\n{_asset('report.css')}</style>"
-            f"</head><body>{body}<script type='application/json' id='gradflow-data'>{to_json(data)}</script>"
-            f"<script>{_asset('uPlot.iife.min.js')}</script><script>{_asset('report.js')}</script></body></html>")
+            f"<title>{html.escape(title)}</title><style>{_asset('uPlot.min.css') if charts else ''}\n"
+            f"{_asset('report.css')}</style></head><body>{body}"
+            f"<script type='application/json' id='gradflow-data'>{to_json(data)}</script>"
+            + (f"<script>{_asset('uPlot.iife.min.js')}</script>" if charts else "")
+            + f"<script>{_asset('report.js')}</script></body></html>")
 
 
 def esc(value) -> str:

@@ -17,7 +17,7 @@ from src.sweeps.submit import submit
 COMMANDS = ("status", "report", "dashboard", "requeue", "submit")
 USAGE = """usage: python -m src.sweeps COMMAND [hydra overrides]
   status     the study's progress: counts per state and every trial
-  report     write the sweep report (CSV, HTML, heatmaps), print it, attach it to the study's MLflow run
+  report     write the sweep report (CSV, HTML), print it, attach it to the study's MLflow run
   dashboard  start optuna-dashboard on the study's storage (127.0.0.1:$DASHBOARD_PORT, default 8080)
   requeue    queue the points whose every trial failed once more, with a fresh retry budget; the next run
              of the sweep (or any worker still running) runs them
@@ -82,11 +82,15 @@ def write_report(study: optuna.Study, cfg) -> None:
     from src.tracking.store import client, resolve_uri
 
     out = Path(str(cfg.hydra.sweep.dir)) / "report"
-    paths, text = report.write(study, out, cfg.get("optimized_metric") or "objective")
-    print(text)
+    metric = cfg.get("optimized_metric") or "objective"
     parent = study.user_attrs.get("mlflow_parent_run_id")
-    if parent:
-        mlflow = client(resolve_uri(cfg.tracking.uri))
+    if not parent:
+        paths, text = report.write(study, out, metric)
+    else:  # the trials' runs are in the parent's experiment: the page links to them
+        uri = resolve_uri(cfg.tracking.uri)
+        mlflow = client(uri)
+        paths, text = report.write(study, out, metric, uri, mlflow.get_run(parent).info.experiment_id)
         for p in paths:
             mlflow.log_artifact(parent, str(p), "report")
+    print(text)
     loop.log(f"report in {out}" + (f" and on MLflow run {parent}" if parent else ""))

@@ -230,7 +230,8 @@ def finish_study(sweep: Sweep) -> None:
     if c["RUNNING"] or c["WAITING"] or (sweep.grid and studies.grid_status(study, sweep.points)["missing"]):
         return
     try:
-        paths, text = report.write(study, Path(str(sweep.sw.config.hydra.sweep.dir)) / "report", sweep.metric)
+        paths, text = report.write(study, Path(str(sweep.sw.config.hydra.sweep.dir)) / "report", sweep.metric,
+                                   resolve_uri(sweep.sw.config.tracking.uri), sweep.experiment_id)
         for p in paths:
             sweep.mlflow.log_artifact(sweep.parent_id, str(p), "report")
         print(text)

@@ -1,15 +1,21 @@
 """MultirunParentRun: the Hydra callback that gives a multirun (`python -m src.train -m ...`) one parent MLflow
 run; every job finds it through $GRADFLOW_PARENT_RUN_ID and names its nested child run by the swept
-overrides ($GRADFLOW_SWEEP_KEYS)."""
+overrides ($GRADFLOW_SWEEP_KEYS). When the jobs are done, the parent gets the children's table, and the sweep
+report (report.html, src.report.sweep) over them in the sweep dir and as its artifact."""
 from __future__ import annotations
 
 import atexit
+import math
 import os
+import re
 import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 from hydra.experimental.callback import Callback
 
+from src.report import sweep as sweep_page
 from src.tracking import view
 from src.tracking.env import PARENT_RUN_ENV, SWEEP_KEYS_ENV
 from src.tracking.retry import first_line, retrying
@@ -40,8 +46,8 @@ class MultirunParentRun(Callback):
         uri = resolve_uri(config.tracking.uri)
         self.client = client(uri)
         self.uri, self.exp_id = uri, ensure_experiment(self.client, config.tracking.experiment, uri)
-        name = "multirun " + " ".join(swept or overrides)
-        self.run_id = self.client.create_run(self.exp_id, run_name=name[:250], tags={
+        self.name, self.keys = ("multirun " + " ".join(swept or overrides))[:250], keys
+        self.run_id = self.client.create_run(self.exp_id, run_name=self.name, tags={
             "gradflow.multirun": "true", "gradflow.overrides": redact(" ".join(overrides))[:5000],
         }).info.run_id
         os.environ[PARENT_RUN_ENV] = self.run_id
@@ -56,23 +62,35 @@ class MultirunParentRun(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if self.run_id:
-            self._print_children()
+            runs = self._print_children()
+            if runs:
+                self._attach_report(runs, Path(str(config.hydra.sweep.dir)) / "report.html")
         self._finish("FAILED" if self.failed else "FINISHED")
 
-    def _print_children(self) -> None:
-        """The children's table: name, verdict, headline metrics; and where to look."""
+    def _print_children(self) -> list:
+        """The children's table: name, verdict, headline metrics; and where to look. Returns the children."""
         try:
             runs = self.client.search_runs([self.exp_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
                                            order_by=["attributes.start_time ASC"])
         except Exception as e:  # noqa: BLE001 - the runs are in the store; only this summary is lost
             print(f"mlflow: could not read the children back: {redact(first_line(e))}", file=sys.stderr)
-            return
+            return []
         print("\n" + children_table(runs))
         try:
             view.share(self.client, self.exp_id)  # the children's metric keys into the curated view
         except Exception as e:  # noqa: BLE001 - the UI's own view still works
             print(f"mlflow: could not write the curated view: {redact(first_line(e))}", file=sys.stderr)
         print(f"look: {run_page(self.uri, self.exp_id)}")
+        return runs
+
+    def _attach_report(self, runs, path: Path) -> None:
+        """report.html over the children, written to `path` and attached to the parent run."""
+        try:
+            points = points_frame(self.client, runs, self.keys)
+            sweep_page.write(path, self.name, points, self.keys, METRIC, "maximize", self.uri, self.exp_id)
+            self.client.log_artifact(self.run_id, str(path))
+        except Exception as e:  # noqa: BLE001 - the runs and their table are complete; only the page is lost
+            print(f"mlflow: could not attach the multirun's report: {redact(first_line(e))}", file=sys.stderr)
 
     def _finish(self, status: str) -> None:
         if self.run_id is None:
@@ -89,6 +107,40 @@ class MultirunParentRun(Callback):
 
 
 HEADLINE = ("val/acc", "val/loss", "backprop_ratio", "backprop_time_ratio")
+METRIC = "val/acc"  # the report's objective, as the sweeps' (hparams_search) optimized_metric
+
+
+def points_frame(client, runs, keys: list[str]) -> pd.DataFrame:
+    """The children as the sweep report's points (src.report.sweep.write), one per run; a column of swept values
+    that are all numbers holds numbers, so that depth 10 sorts after depth 2."""
+    points = pd.DataFrame([{
+        **swept_values(r, keys), "state": r.info.status, "objective": r.data.metrics.get(METRIC, math.nan),
+        "verdict": r.data.tags.get("verdict", ""), "backprop_ratio_init": initial_backprop_ratio(client, r),
+        "seconds": (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else math.nan,
+        "attempts": 1, "error": r.data.tags.get("error", "")[:200], "mlflow_run_id": r.info.run_id,
+    } for r in runs])
+    for k in keys:
+        try:
+            points[k] = pd.to_numeric(points[k])
+        except (ValueError, TypeError):
+            pass  # a column with words (activation=relu) stays text
+    return points
+
+
+def swept_values(run, keys: list[str]) -> dict[str, str | None]:
+    """The run's value of each swept key: its param (the resolved config, and the option of the main groups),
+    else its override in the run's name (`model=cnn,cure=clip`: groups that log no param of their own)."""
+    alternatives = "|".join(map(re.escape, keys))
+    named = dict(o.split("=", 1) for o in re.split(rf",(?=[+~]*(?:{alternatives})=)", run.info.run_name or "")
+                 if "=" in o)
+    named = {k.lstrip("+~"): v for k, v in named.items()}
+    return {k: run.data.params.get(k, named.get(k)) for k in keys}
+
+
+def initial_backprop_ratio(client, run) -> float:
+    """backprop_ratio at step 0, else (a run whose statistics start later) the last one logged."""
+    at_0 = [m.value for m in client.get_metric_history(run.info.run_id, "backprop_ratio") if m.step == 0]
+    return at_0[0] if at_0 else run.data.metrics.get("backprop_ratio", math.nan)
 
 
 def children_table(runs) -> str:

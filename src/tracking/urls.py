@@ -29,13 +29,20 @@ def page_route(experiment_id: str, run_id: str | None = None) -> str:
             else f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{ML_VIEW}")
 
 
+def ui_base(uri: str) -> str:
+    """Where the UI of the store at `uri` is served: the tracking server itself, else where `make ui` serves."""
+    if uri.startswith(("http://", "https://")):
+        return redact(uri.rstrip("/"))
+    return f"http://127.0.0.1:{os.environ.get('MLFLOW_UI_PORT', '5000')}"
+
+
 def run_page(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """Where a person looks at a run (or, without one, at the experiment's runs in the curated view): its page
     on the tracking server, or for a store without a server `make ui` (told the store where it is not the one
     `make ui` finds) and the page it serves."""
-    route = page_route(experiment_id, run_id)
+    url = ui_base(uri) + page_route(experiment_id, run_id)
     if uri.startswith(("http://", "https://")):
-        return redact(uri.rstrip("/")) + route
+        return url
     found = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # as make ui
     ui = "make ui" if uri == found else f"MLFLOW_TRACKING_URI='{redact(uri)}' make ui"
-    return f"{ui}, then http://127.0.0.1:{os.environ.get('MLFLOW_UI_PORT', '5000')}{route}"
+    return f"{ui}, then {url}"

@@ -69,13 +69,17 @@
     canvas.style.height = height;
     const labels = el("div", {class: "rows", style: `height:${height}`},  // at most 24 labels, the ends kept
       ...h.rows.map((n, i) => el("span", {}, i % every === 0 || i === nr - 1 ? n : "")).reverse());
-    const bar = el("div", {class: "bar", style: `background:linear-gradient(to right,${CMAPS[h.cmap || "viridis"].join(",")})`});
     const lim = v => fmt(h.log ? Math.pow(10, v) : v);
-    const legend = el("div", {class: "legend"}, el("span", {}, lim(lo)), bar, el("span", {}, lim(hi)), el("span", {}, " " + h.label),
+    const legend = colourBar(h.cmap, lim(lo), lim(hi), el("span", {}, " " + h.label),
       h.log ? el("span", {class: "zero"}, "■ exactly 0") : "");
     const ticks = el("div", {class: "xticks"}, el("span", {}, `${h.xlabel} ${h.x[0]}`), el("span", {}, `${h.x[nc - 1]}`));
     return el("figure", {class: "heatmap", "data-id": h.id}, el("figcaption", {}, h.title),
       el("div", {class: "grid"}, labels, el("div", {class: "plot"}, canvas, ticks)), legend);
+  }
+
+  function colourBar(cmap, lo, hi, ...more) {  // the colour map from lo to hi, labelled at its ends
+    const bar = el("div", {class: "bar", style: `background:linear-gradient(to right,${CMAPS[cmap || "viridis"].join(",")})`});
+    return el("div", {class: "legend"}, el("span", {}, lo), bar, el("span", {}, hi), ...more);
   }
 
   // A line chart: series share one x axis; a log chart draws values <= 0 as gaps.
@@ -143,6 +147,8 @@
     if (D.layers && D.layers.length > 1) document.getElementById("selector").append(layerSelector(D.layers));
     document.querySelectorAll("table.sortable").forEach(sortable);
     document.querySelectorAll("table.heat").forEach(colourCells);
+    document.querySelectorAll("div.scalebar").forEach(d => d.append(colourBar(d.dataset.cmap, fmt(+d.dataset.lo),
+      fmt(+d.dataset.hi))));  // the shared scale of heat tables (their data-cmap, data-lo, data-hi)
     if (location.protocol === "blob:") {  // inside MLflow's artifact viewer: links go to the server that shows it
       const origin = new URL(location.href.slice(5)).origin;
       document.querySelectorAll("a[data-route]").forEach(a => { a.href = origin + a.dataset.route; });
