@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-fast ui bench up down clean sweep sweep-status sweep-report sweep-requeue \
-	dashboard
+	dashboard readme-images
 SWEEP_WORKERS ?= 2
 SWEEP_STORAGE ?=
 SWEEP_ARGS = hparams_search=grid $(ARGS)
@@ -41,6 +41,9 @@ test-fast: install ## the test suite without the slow subprocess tiers
 
 ui: install ## the MLflow UI on mlflow.db (or $MLFLOW_TRACKING_URI), opened on the runs table
 	$(PY) -m src.tracking.ui $(ARGS)
+
+readme-images: install ## README screenshots from a real 2x2 multirun into docs/img (~2 min; ARGS=--quick: 3 epochs)
+	$(PY) scripts/readme_images.py $(ARGS)
 
 bench: install ## per-step overhead of the statistics vs stats=off and vs Lightning's own logging (~6 min)
 	$(PY) benchmarks/overhead.py $(ARGS)
