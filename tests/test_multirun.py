@@ -22,7 +22,8 @@ def test_multirun_nests_four_children_under_one_parent(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # one line per finished child, then their table and where to look
     lines = done.stdout.splitlines()
-    at = next(i for i, line in enumerate(lines) if line.split() == ["run", "status", "verdict", "backprop_ratio"])
+    at = next(i for i, line in enumerate(lines)
+              if line.split() == ["run", "status", "verdict", "val/acc", "val/loss", "backprop_ratio"])
     table, look = lines[at + 1:at + 5], lines[at + 5]
     names = ["activation=sigmoid,init=xavier", "activation=sigmoid,init=he", "activation=relu,init=xavier",
              "activation=relu,init=he"]

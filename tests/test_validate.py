@@ -123,3 +123,15 @@ def test_a_typo_exits_2_before_any_run(tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert f"{override.split('=')[0]}: no part of the program reads this key" in done.stderr
     assert runs_of(uri)[1] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [["activation=sigmoid,relu"], ["hparams_search=grid"]])
+def test_a_typo_stops_a_multirun_or_a_sweep_before_anything_runs(tmp_path, sweep):
+    done = subprocess.run([sys.executable, "-m", "src.train", "-m", *sweep, "+stats.every_n_step=5",
+                           f"hydra.sweeper.storage=journal:{tmp_path}/o.journal" if "hparams_search=grid" in sweep
+                           else "seed=0", f"hydra.sweep.dir={tmp_path}/s"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}, timeout=120)
+    assert done.returncode == 2 and "did you mean `stats.every_n_steps`?" in done.stderr, done.stderr[-2000:]
+    assert "Launching" not in done.stdout + done.stderr  # no job, no parent run, no study
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "o.journal").exists()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 
+from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
@@ -75,12 +77,25 @@ def problems(cfg, overrides: list[str]) -> list[str]:
     return out
 
 
-def _flat(cfg, prefix: str = "") -> list[str]:
-    """Every key of the composed config, dotted."""
-    keys = []
-    for k, v in cfg.items():
-        name = f"{prefix}{k}"
-        keys.append(name)
-        if OmegaConf.is_dict(v):
-            keys += _flat(v, f"{name}.")
-    return keys
+def _flat(cfg) -> list[str]:
+    """Every key of the composed config, dotted (unresolved: a multirun's config has values known only later)."""
+    def walk(node, prefix: str) -> list[str]:
+        keys = []
+        for k, v in node.items():
+            keys.append(f"{prefix}{k}")
+            if isinstance(v, dict):
+                keys += walk(v, f"{prefix}{k}.")
+        return keys
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+class AddedKeysCheck(Callback):
+    """The same check for a multirun, before any job, study or parent run exists (a single run is checked by
+    train(), through src.config.validate)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        found = problems(config, list(config.hydra.overrides.task))
+        if found:
+            print("config error:\n  " + "\n  ".join(found), file=sys.stderr)
+            sys.exit(2)

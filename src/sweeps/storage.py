@@ -17,6 +17,10 @@ from src.tracking.urls import redact, sqlite_path
 
 DEFAULT_STORAGE = "journal:sweeps/optuna.journal"
 SCHEMA_LOCK_ID = 0x6772616466  # any constant shared by all workers ("gradf")
+# One connection kept per process, one more while a call overlaps: a worker talks to its study from one
+# thread, so N workers hold about N connections, not SQLAlchemy's default of up to 15 each (docs/cluster.md has
+# the arithmetic). pool_pre_ping: a worker that idles while a trial runs must not reuse a dropped connection.
+ENGINE = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 1}
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "postgresql+psycopg", "mysql", "mysql+pymysql")
 
 
@@ -47,9 +51,9 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             lock = FileLock(f"{db}.lock", timeout=300)
         elif scheme.startswith("postgresql"):
             lock = _pg_advisory_lock(url)
-        try:  # pool_pre_ping: a worker that idles while a trial runs must not reuse a dropped connection
+        try:
             with lock:
-                storage = RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+                storage = RDBStorage(url, engine_kwargs=ENGINE)
         except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors carry the URL with its password
             raise SweepConfigError(f"hydra.sweeper.storage={redact(url)}: cannot open the storage: "
                                    f"{redact(str(e)).splitlines()[0]}") from None
