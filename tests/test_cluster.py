@@ -76,3 +76,15 @@ def test_a_redis_storage_without_the_package_says_which_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_redis)
     with pytest.raises(SweepConfigError, match=r"needs the redis package: pip install -e '\.\[redis\]'"):
         open_storage("redis://127.0.0.1:6379/15")
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_failed_exits_1_with_the_first_reason(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", "activation=sigmoid,relu", "init=he",
+         "model.depth=1", "trainer.max_steps=2", "optimized_metric=val/nope", f"hydra.sweep.dir={tmp_path}/s",
+         f"hydra.sweeper.storage=journal:{tmp_path}/o.journal"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "sweep failed: every trial of study 'gradflow-grid' failed; the first, trial 0 (activation=sigmoid" \
+           in done.stderr and "optimized_metric=val/nope is not among the run's metrics" in done.stderr

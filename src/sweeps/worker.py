@@ -102,6 +102,7 @@ def run(sw, arguments: list[str]) -> None:
     for p in siblings:
         p.join()
     finish_study(sweep)
+    all_failed(sweep.study)
 
 
 def work(sweep: Sweep) -> None:
@@ -241,6 +242,19 @@ def finish_study(sweep: Sweep) -> None:
     sweep.mlflow.set_terminated(sweep.parent_id, status)
     loop.log(f"study {study.study_name!r} done: {c['COMPLETE']} complete, {c['FAIL']} failed, "
              f"{c['PRUNED']} pruned; parent run {status}")
+
+
+def all_failed(study) -> None:
+    """Exit 1, with the first failure's reason, when the study has ended and none of its trials succeeded:
+    a sweep that produced nothing must not look like one that worked."""
+    c = studies.counts(study)
+    if c["COMPLETE"] or c["PRUNED"] or c["RUNNING"] or c["WAITING"] or not c["FAIL"]:
+        return
+    first = min(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)), key=lambda t: t.number)
+    print(f"sweep failed: every trial of study {study.study_name!r} failed; the first, trial {first.number} "
+          f"({','.join(space.as_overrides(first.params))}): {first.user_attrs.get('error', 'no error recorded')}",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 def die(msg: str) -> None:
