@@ -49,7 +49,7 @@ bench: install ## per-step overhead of the statistics vs stats=off and vs Lightn
 	$(PY) benchmarks/overhead.py $(ARGS)
 
 sweep: install ## the activation x init x depth grid with SWEEP_WORKERS local workers (SWEEP_STORAGE=postgresql://...)
-	$(PY) -m src.train -m $(SWEEP_ARGS) hydra.sweeper.n_jobs=$(SWEEP_WORKERS)
+	$(PY) -m src.train -m $(SWEEP_ARGS) hydra.sweeper.workers=$(SWEEP_WORKERS)
 
 sweep-status: install ## progress of the sweep's study (same SWEEP_STORAGE / ARGS as make sweep)
 	$(PY) -m src.sweeps status $(SWEEP_ARGS)

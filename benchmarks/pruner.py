@@ -36,7 +36,7 @@ def sweep(tmp: Path, pruner: str, workers: int, extra: list[str]) -> tuple[float
     tmp.mkdir(parents=True)
     storage, uri = f"journal:{tmp}/o.journal", f"sqlite:///{tmp}/mlflow.db"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "src.train", "-m", "hparams_search=grid", f"hydra.sweeper.n_jobs={workers}",
+    subprocess.run([sys.executable, "-m", "src.train", "-m", "hparams_search=grid", f"hydra.sweeper.workers={workers}",
                     f"hydra.sweeper.storage={storage}", f"hydra.sweeper.pruner={PRUNERS[pruner]}",
                     f"hydra.sweep.dir={tmp}/s", *extra], cwd=ROOT, env=dict(os.environ, MLFLOW_TRACKING_URI=uri),
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--workers 8,16,32] [--points-per-worker 3] [--per-command 8] [--docs]
 
 For each N: fresh databases for Optuna and MLflow, an `mlflow server` on PostgreSQL (4 workers, in its own
-process group), then N workers (N / per-command commands of `hydra.sweeper.n_jobs=per-command` each, the
+process group), then N workers (N / per-command commands of `hydra.sweeper.workers=per-command` each, the
 forked workers sharing their command's imports) on a grid of N x points-per-worker tiny trials (seed axis, 3
 steps each). Reported per N: claims per second over the grid phase, trial start latency (claim to its MLflow
 run's start: the queue and the tracking server under load), the most PostgreSQL connections in use at once
@@ -101,7 +101,7 @@ def one(n: int, per_command: int, points: int, tmp: Path) -> dict:
                 time.sleep(0.5)
         watch.start()
         commands = [[sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *TINY,
-                     f"seed=range(0,{n * points})", f"hydra.sweeper.n_jobs={per_command}",
+                     f"seed=range(0,{n * points})", f"hydra.sweeper.workers={per_command}",
                      f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=scale",
                      f"hydra.sweep.dir={tmp}/sweeps"] for _ in range(max(1, n // per_command))]
         began = time.perf_counter()
@@ -138,7 +138,7 @@ def one(n: int, per_command: int, points: int, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", default="8,16,32", help="comma-separated N")
-    ap.add_argument("--per-command", type=int, default=8, help="workers forked by one command (n_jobs)")
+    ap.add_argument("--per-command", type=int, default=8, help="workers forked by one command (hydra.sweeper.workers)")
     ap.add_argument("--points-per-worker", type=int, default=3)
     ap.add_argument("--docs", action="store_true", help="also write the table into docs/performance.md")
     args = ap.parse_args()

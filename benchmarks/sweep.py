@@ -57,7 +57,7 @@ def run_sweep(tmp: Path, grid: list[str], workers: int, epochs: int, threads: in
     tag = f"w{workers}t{threads}"
     storage, uri = f"journal:{tmp}/{tag}.journal", f"sqlite:///{tmp}/{tag}.db"
     cmd = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", *grid, f"trainer.max_epochs={epochs}",
-           f"hydra.sweeper.storage={storage}", f"hydra.sweeper.n_jobs={workers}",
+           f"hydra.sweeper.storage={storage}", f"hydra.sweeper.workers={workers}",
            f"hydra.sweep.dir={tmp}/sweeps-{tag}"] + ([f"hydra.sweeper.torch_threads={threads}"] if threads else [])
     tmp.mkdir(parents=True, exist_ok=True)
     began, t0 = datetime.now(), time.perf_counter()

@@ -178,7 +178,7 @@ def test_a_sweep_against_a_real_tracking_server(tmp_path, mlflow_server):
     """Two workers, the second forked from the first after it has talked to the server: each process must
     open its own HTTP connections (a shared keep-alive socket would interleave their requests)."""
     storage = f"journal:{tmp_path}/o.journal"
-    args = [*_small_grid_args(tmp_path, storage), "hydra.sweeper.n_jobs=2"]
+    args = [*_small_grid_args(tmp_path, storage), "hydra.sweeper.workers=2"]
     out = subprocess.run([sys.executable, "-m", "src.train", "-m", *args], cwd=ROOT,
                          env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True,
                          timeout=900)

@@ -9,16 +9,20 @@ from hydra.plugins.sweeper import Sweeper
 
 
 class GradflowSweeper(Sweeper):
-    def __init__(self, sampler: Any = None, direction: str = "maximize", study_name: str = "gradflow",
-                 storage: str | None = None, n_trials: int | None = None, n_jobs: int = 1,
+    def __init__(self, sampler: Any = None, direction: str = "minimize", study_name: str = "gradflow",
+                 storage: str | None = None, n_trials: int | None = 20, workers: int = 1,
                  params: Any = None, pruner: Any = None, max_retries: int = 2,
                  heartbeat_interval: float = 10.0, grace_period: float = 60.0, torch_threads: int | None = None,
-                 gpus: Any = None, search_space: Any = None, custom_search_space: Any = None) -> None:
+                 gpus: Any = None, search_space: Any = None, custom_search_space: Any = None,
+                 n_jobs: int | None = None) -> None:
         if search_space or custom_search_space:
             raise ValueError("hydra.sweeper.search_space / custom_search_space are not supported: "
                              "use hydra.sweeper.params")
+        if n_jobs is not None:  # a key of hydra-optuna-sweeper that means something else there
+            raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: hydra-optuna-sweeper's batch size; this engine has "
+                             "no batches. For N worker processes on this machine: hydra.sweeper.workers=N")
         self.sampler, self.direction, self.study_name, self.storage = sampler, direction, study_name, storage
-        self.n_trials, self.n_jobs, self.params, self.pruner = n_trials, n_jobs, params, pruner
+        self.n_trials, self.workers, self.params, self.pruner = n_trials, workers, params, pruner
         self.max_retries, self.heartbeat_interval, self.grace_period = max_retries, heartbeat_interval, \
             grace_period
         self.torch_threads, self.gpus = torch_threads, gpus

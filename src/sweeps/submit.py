@@ -22,7 +22,7 @@ def submit(cfg, overrides: list[str], workers: int, partition: str | None, gpus:
     executor.update_parameters(timeout_min=minutes, gpus_per_node=gpus,
                                cpus_per_task=4 if slurm else max(1, (os.cpu_count() or 1) // workers),
                                **({"slurm_partition": partition} if partition else {}))
-    command = [sys.executable, "-m", "src.train", "-m", *overrides, "hydra.sweeper.n_jobs=1"]
+    command = [sys.executable, "-m", "src.train", "-m", *overrides, "hydra.sweeper.workers=1"]
     jobs = [executor.submit(_worker_job, command, str(Path.cwd())) for _ in range(workers)]
     loop.log(f"submitted {len(jobs)} worker job(s) to {executor.cluster}: {[j.job_id for j in jobs]}; "
              f"logs in {folder / 'jobs'}")

@@ -123,7 +123,7 @@ def usable_cpus() -> int:
 
 def threads(sw) -> int:
     """torch threads per trial: as configured, else the usable CPUs shared out among this machine's workers."""
-    return int(sw.torch_threads or max(1, usable_cpus() // int(sw.n_jobs or 1)))
+    return int(sw.torch_threads or max(1, usable_cpus() // int(sw.workers or 1)))
 
 
 def close_mlflow_run(mlflow, run_id: str | None, status: str) -> None:

@@ -1,7 +1,7 @@
 """The Hydra side of a sweep: `python -m src.train -m hparams_search=grid` makes this process a worker.
 
 A worker validates every point, joins the study (creating it, its MLflow parent run and its grid queue
-once), forks `hydra.sweeper.n_jobs - 1` sibling workers, then claims and runs trials (src.sweeps.trial)
+once), forks `hydra.sweeper.workers - 1` sibling workers, then claims and runs trials (src.sweeps.trial)
 until none are left; the last worker to finish writes the report.
 """
 from __future__ import annotations
@@ -171,13 +171,13 @@ def parent_run(sweep: Sweep, uri: str, where: str) -> tuple[str, str]:
 
 
 def start_siblings(sweep: Sweep) -> list:
-    """n_jobs > 1: n_jobs - 1 more workers of the same study, forked from this one once it has joined the
+    """workers > 1: workers - 1 more workers of the same study, forked from this one once it has joined the
     study (a fork costs milliseconds; a fresh interpreter would import torch again)."""
     sw = sweep.sw
     gpus = [str(g) for g in (sw.gpus or [])]
     fork = mp.get_context("fork")
     procs = [fork.Process(target=_sibling, args=(sweep, gpus[i % len(gpus)] if gpus else None), daemon=False)
-             for i in range(1, int(sw.n_jobs or 1))]
+             for i in range(1, int(sw.workers or 1))]
     for p in procs:
         p.start()
     if gpus:
