@@ -88,3 +88,24 @@ def test_a_sweep_whose_every_trial_failed_exits_1_with_the_first_reason(tmp_path
     assert done.returncode == 1, done.stderr[-2000:]
     assert "sweep failed: every trial of study 'gradflow-grid' failed; the first, trial 0 (activation=sigmoid" \
            in done.stderr and "optimized_metric=val/nope is not among the run's metrics" in done.stderr
+
+
+@pytest.mark.slow
+def test_slurm_submission_is_one_job_array_and_returns_at_once(tmp_path):
+    """No SLURM here: an `sbatch` on PATH that records what it is given and answers as sbatch does, to check
+    what we hand to SLURM (one array of N tasks) and that the command returns once it is queued."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncat "$1" >> {tmp_path}/scripts\n'
+                                 'echo "Submitted batch job 4242"\n')
+    (bin_ / "srun").write_text("#!/bin/sh\nexit 1\n")  # how submitit recognises a SLURM machine; never run here
+    for tool in ("sbatch", "srun"):
+        (bin_ / tool).chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "src.sweeps", "submit", "--workers", "3", "--slurm-partition", "gpu",
+                           "hparams_search=grid", f"hydra.sweep.dir={tmp_path}/s"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1  # one sbatch for the three workers
+    script = (tmp_path / "scripts").read_text()
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --partition=gpu" in script
+    assert "['4242_0', '4242_1', '4242_2']" in done.stderr and "squeue --me" in done.stderr

@@ -21,8 +21,9 @@ USAGE = """usage: python -m src.sweeps COMMAND [hydra overrides]
   dashboard  start optuna-dashboard on the study's storage (127.0.0.1:$DASHBOARD_PORT, default 8080)
   requeue    queue the points whose every trial failed once more, with a fresh retry budget; the next run
              of the sweep (or any worker still running) runs them
-  submit     start N workers as jobs: `submit --workers 4 [--slurm-partition P --gpus-per-worker 1]`;
-             on SLURM when sbatch is available, else as local processes (submitit's local executor)
+  submit     start N workers as jobs: `submit --workers 4 [--slurm-partition P --gpus-per-worker 1] [--wait]`;
+             on SLURM when sbatch is available (one job array; returns once queued, or with --wait when
+             the jobs end), else as local processes (submitit's local executor; waits for them)
 The overrides choose the study as the sweep does, e.g. `hparams_search=grid hydra.sweeper.storage=...`."""
 
 
@@ -50,10 +51,12 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--slurm-partition", default=None)
         parser.add_argument("--gpus-per-worker", type=int, default=0)
         parser.add_argument("--minutes", type=int, default=24 * 60)
+        parser.add_argument("--wait", action="store_true", help="on SLURM, wait for the jobs to end")
     args, overrides = parser.parse_known_args(argv[1:])
     cfg = study_config(overrides)
     if cmd == "submit":
-        return submit(cfg, overrides, args.workers, args.slurm_partition, args.gpus_per_worker, args.minutes)
+        return submit(cfg, overrides, args.workers, args.slurm_partition, args.gpus_per_worker, args.minutes,
+                      args.wait)
     url, name = cfg.hydra.sweeper.storage, cfg.hydra.sweeper.study_name
     if cmd == "dashboard":
         target = url[len("journal:"):] if (url or "").startswith("journal:") else url
