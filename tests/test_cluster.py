@@ -109,3 +109,36 @@ def test_slurm_submission_is_one_job_array_and_returns_at_once(tmp_path):
     script = (tmp_path / "scripts").read_text()
     assert "#SBATCH --array=0-2" in script and "#SBATCH --partition=gpu" in script
     assert "['4242_0', '4242_1', '4242_2']" in done.stderr and "squeue --me" in done.stderr
+
+
+def _elect(storage_url: str, out) -> None:
+    import optuna
+
+    from src.sweeps.storage import open_storage
+    from src.sweeps.study import elected
+
+    study = optuna.load_study(study_name="s", storage=open_storage(storage_url))
+    with elected(study, "grid-x") as won:
+        out.put(won)
+
+
+def test_one_of_many_wins_an_election_and_no_marker_study_is_left(tmp_path):
+    import multiprocessing as mp
+
+    import optuna
+
+    from src.sweeps.storage import open_storage
+
+    url = f"journal:{tmp_path}/o.journal"
+    optuna.create_study(study_name="s", storage=open_storage(url))
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_elect, args=(url, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(out.get(timeout=5) for _ in procs) == [False] * 5 + [True]
+    _elect(url, out)  # a late caller, after the marker is gone, loses too
+    assert out.get(timeout=5) is False
+    assert optuna.get_all_study_names(open_storage(url)) == ["s"]  # what optuna-dashboard lists

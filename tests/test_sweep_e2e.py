@@ -68,6 +68,7 @@ def _run_scenario(tmp: Path, storage: str, uri: str) -> None:
                 os.killpg(p.pid, signal.SIGKILL)
 
     trials = _load(storage, study_name).get_trials()
+    assert optuna.get_all_study_names(open_storage(storage)) == [study_name]  # no bookkeeping study left in view
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     points = sorted(point_key(t.params) for t in complete)
     assert len(complete) == 8 and len(set(points)) == 8, [(t.number, t.state, t.params) for t in trials]

@@ -1,10 +1,11 @@
 """The study a sweep shares: created once, its grid queued once across all workers (an atomic create_study
-of a marker study elects the worker that queues), failed points queued again on request, and its progress.
+of a short-lived marker study elects the worker that queues), failed points queued again on request, and its progress.
 Optuna's GridSampler instead samples points at random and repeats some near the end of a grid."""
 from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -29,14 +30,32 @@ def load_or_create(storage, name: str, direction: str, sampler=None, pruner=None
     return study
 
 
-def elect(study: optuna.Study, role: str) -> bool:
-    """True in exactly one of the processes that call this with the same study and role: creating a study
-    with a given name is atomic in every Optuna storage, so the marker study's creator wins."""
+@contextmanager
+def elected(study: optuna.Study, role: str):
+    """Yields True in exactly one of the processes that enter this with the same study and role, ever.
+
+    Creating a study with a given name is atomic in every Optuna storage, so the creator of a marker study
+    `<study>::<role>` wins. When the winner's block has ended without error, its win is recorded in the
+    study's system attributes (which optuna-dashboard does not list) and the marker is deleted, so the study
+    list shows only users' studies. A caller that finds the record has lost, and so has one that created the
+    marker after a winner deleted it (it finds the record once it holds the marker). A winner that dies in its
+    block leaves the marker, which keeps the others out until a person deletes it."""
+    storage = storage_of(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    record, marker = f"gradflow.elected:{role}", f"{study.study_name}::{role}"
+    if storage.get_study_system_attrs(study_id).get(record):
+        yield False
+        return
     try:
-        optuna.create_study(storage=storage_of(study), study_name=f"{study.study_name}::{role}")
-        return True
+        optuna.create_study(storage=storage, study_name=marker)
     except DuplicatedStudyError:
-        return False
+        yield False
+        return
+    won = not storage.get_study_system_attrs(study_id).get(record)
+    yield won
+    if won:
+        storage.set_study_system_attr(study_id, record, True)
+    optuna.delete_study(study_name=marker, storage=storage)
 
 
 def enqueue_grid(study: optuna.Study, points: list[dict[str, Any]], wait: float = 60.0) -> int:
@@ -47,15 +66,16 @@ def enqueue_grid(study: optuna.Study, points: list[dict[str, Any]], wait: float 
     done_key = f"grid:{digest}"
     if study.user_attrs.get(done_key):
         return 0
-    if elect(study, f"grid-{digest}"):
-        seen = {point_key(params_of(t)) for t in study.get_trials(deepcopy=False)}
-        added = 0
-        for p in longest_first(points):
-            if point_key(p) not in seen:
-                study.enqueue_trial(p)
-                added += 1
-        study.set_user_attr(done_key, len(points))
-        return added
+    with elected(study, f"grid-{digest}") as won:
+        if won:
+            seen = {point_key(params_of(t)) for t in study.get_trials(deepcopy=False)}
+            added = 0
+            for p in longest_first(points):
+                if point_key(p) not in seen:
+                    study.enqueue_trial(p)
+                    added += 1
+            study.set_user_attr(done_key, len(points))
+            return added
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if study.user_attrs.get(done_key):
@@ -95,12 +115,13 @@ def requeue_failed(study: optuna.Study, settle: float | None = None) -> list[dic
     # the newest failed trial of each point names this request: a second caller with the same view loses the
     # election; after these fail again, their new trials make a new name
     digest = hashlib.sha1(",".join(str(t.number) for t in todo).encode()).hexdigest()[:12]
-    if not elect(study, f"requeue-{digest}"):
-        return []
-    points = [params_of(t) for t in todo]
-    for p in points:
-        study.enqueue_trial(p)
-    return points
+    with elected(study, f"requeue-{digest}") as won:
+        if not won:
+            return []
+        points = [params_of(t) for t in todo]
+        for p in points:
+            study.enqueue_trial(p)
+        return points
 
 
 def params_of(t: FrozenTrial) -> dict[str, Any]:

@@ -156,11 +156,12 @@ def parent_run(sweep: Sweep, uri: str, where: str) -> tuple[str, str]:
     Returns its id and its experiment's, where the trials' runs go."""
     study, key = sweep.study, "mlflow_parent_run_id"
     exp_id = ensure_experiment(sweep.mlflow, sweep.sw.config.tracking.experiment, uri)
-    if studies.elect(study, "mlflow-parent"):
-        run_id = sweep.mlflow.create_run(exp_id, run_name=f"study {study.study_name}", tags={
-            "study_name": study.study_name, "gradflow.sweep": "true", "optuna.storage": where}).info.run_id
-        study.set_user_attr(key, run_id)
-        return run_id, exp_id
+    with studies.elected(study, "mlflow-parent") as won:
+        if won:
+            run_id = sweep.mlflow.create_run(exp_id, run_name=f"study {study.study_name}", tags={
+                "study_name": study.study_name, "gradflow.sweep": "true", "optuna.storage": where}).info.run_id
+            study.set_user_attr(key, run_id)
+            return run_id, exp_id
     deadline = time.monotonic() + 60
     while (run_id := study.user_attrs.get(key)) is None:
         if time.monotonic() > deadline:
