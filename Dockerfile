@@ -35,6 +35,6 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY conf ./conf
 COPY hydra_plugins ./hydra_plugins
-RUN pip install -c /tmp/constraints.txt . && chown -R app /app
+RUN pip install -c /tmp/constraints.txt ".[grpc]" && chown -R app /app
 USER app
 CMD ["python", "-m", "src.train", "debug=fast"]

@@ -1,8 +1,10 @@
-"""The cluster path's conventions: CPUs counted as the job owns them."""
+"""The cluster path: CPUs counted as the job owns them; Redis and gRPC-proxy storages; SLURM job arrays;
+elections that leave no study behind; twelve workers on PostgreSQL; sweeps whose every trial failed."""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -142,3 +144,64 @@ def test_one_of_many_wins_an_election_and_no_marker_study_is_left(tmp_path):
     _elect(url, out)  # a late caller, after the marker is gone, loses too
     assert out.get(timeout=5) is False
     assert optuna.get_all_study_names(open_storage(url)) == ["s"]  # what optuna-dashboard lists
+
+
+@pytest.mark.slow
+def test_twelve_workers_on_postgresql_run_every_point_once(tmp_path, mlflow_server):
+    import optuna
+    from collections import Counter
+
+    from src.sweeps.space import point_key
+    from src.sweeps.storage import open_storage
+    from tests.pg import fresh_database
+
+    with fresh_database("gradflow_twelve") as storage:
+        args = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", "activation=relu", "init=he",
+                "model.depth=1", "model.width=8", "seed=range(0,24)", "trainer.max_steps=2",
+                "+trainer.limit_val_batches=1", "hydra.sweeper.workers=6", "hydra.sweeper.torch_threads=1",
+                f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=twelve", f"hydra.sweep.dir={tmp_path}/s"]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+        commands = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True) for _ in range(2)]  # 2 machines x 6 workers
+        for c in commands:
+            assert c.wait(600) == 0, c.stderr.read()[-3000:]
+        trials = optuna.load_study(study_name="twelve", storage=open_storage(storage)).get_trials()
+    complete = Counter(point_key(t.params) for t in trials if t.state.name == "COMPLETE")
+    assert len(complete) == 24 and set(complete.values()) == {1}, [(t.number, t.state, t.params) for t in trials]
+    from src.sweeps.leases import WORKER
+
+    assert len(trials) == 24 and len({t.system_attrs[WORKER] for t in trials}) > 2  # shared out among workers
+
+
+@pytest.mark.slow
+def test_workers_through_the_grpc_proxy_run_every_point_once(tmp_path):
+    import optuna
+    from collections import Counter
+
+    pytest.importorskip("grpc", reason="the grpc extra: pip install -e '.[grpc]'")
+    from src.sweeps.space import point_key
+    from src.sweeps.storage import open_storage
+    from tests.conftest import free_port
+    from tests.pg import fresh_database
+
+    with fresh_database("gradflow_proxy") as database:
+        port = free_port()
+        proxy = subprocess.Popen([sys.executable, "-m", "src.sweeps", "proxy", "--port", str(port)], cwd=ROOT,
+                                 env={**os.environ, "GRADFLOW_SWEEP_STORAGE": database}, start_new_session=True,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            args = [sys.executable, "-m", "src.train", "-m", "hparams_search=grid", "activation=relu", "init=he",
+                    "model.depth=1", "model.width=8", "seed=range(0,8)", "trainer.max_steps=2",
+                    "+trainer.limit_val_batches=1", "hydra.sweeper.workers=2", f"hydra.sweeper.storage=grpc://127.0.0.1:{port}",
+                    "hydra.sweeper.study_name=proxied", f"hydra.sweep.dir={tmp_path}/s"]
+            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+            commands = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True) for _ in range(2)]
+            for c in commands:
+                assert c.wait(600) == 0, c.stderr.read()[-3000:]
+        finally:
+            os.killpg(proxy.pid, signal.SIGTERM)
+            proxy.wait(30)
+        trials = optuna.load_study(study_name="proxied", storage=open_storage(database)).get_trials()
+    complete = Counter(point_key(t.params) for t in trials if t.state.name == "COMPLETE")
+    assert len(complete) == 8 and set(complete.values()) == {1}, [(t.number, t.state, t.params) for t in trials]

@@ -29,7 +29,7 @@ def worker_stage() -> tuple[list[tuple[str, str]], list[str]]:
     steps = stages["base"] + stages["worker"]
     copies = [(src, dst) for srcs, dst in re.findall(r"^COPY\s+(.+?)\s+(\S+)$", steps, re.M) for src in srcs.split()]
     pip = [part.strip() for line in re.findall(r"^RUN (.*)$", steps, re.M) for part in line.split("&&")
-           if part.strip().startswith("pip install") and part.strip().endswith(" .")]
+           if re.fullmatch(r"pip install .* (\.|\"\.\[\w+\]\")", part.strip())]
     return copies, pip
 
 
@@ -48,10 +48,10 @@ def replay(tmp: Path) -> tuple[Path, Path]:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    args = pip.split()[2:-1]  # what the Dockerfile passes between `pip install` and `.`
+    *args, target = pip.split()[2:]  # what the Dockerfile passes to `pip install`, then the project (with extras)
     args = [str(root / a.lstrip("/")) if a.startswith("/") else a for a in args]
     subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    *args, "."], cwd=app, check=True)
+                    *args, target.strip('"')], cwd=app, check=True)
     return app, venv / "bin/python"
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import optuna
 
 from src.sweeps import loop, report, study as studies
-from src.sweeps.space import as_overrides
-from src.sweeps.storage import describe_storage, open_storage
+from src.sweeps.space import SweepConfigError, as_overrides
+from src.sweeps.storage import describe_storage, open_storage, serve_proxy
 from src.sweeps.submit import submit
 
-COMMANDS = ("status", "report", "dashboard", "requeue", "submit")
+COMMANDS = ("status", "report", "dashboard", "requeue", "submit", "proxy")
 USAGE = """usage: python -m src.sweeps COMMAND [hydra overrides]
   status     the study's progress: counts per state and every trial
   report     write the sweep report (CSV, HTML), print it, attach it to the study's MLflow run
@@ -24,6 +24,8 @@ USAGE = """usage: python -m src.sweeps COMMAND [hydra overrides]
   submit     start N workers as jobs: `submit --workers 4 [--slurm-partition P --gpus-per-worker 1] [--wait]`;
              on SLURM when sbatch is available (one job array; returns once queued, or with --wait when
              the jobs end), else as local processes (submitit's local executor; waits for them)
+  proxy      Optuna's gRPC storage proxy in front of the sweep's storage (--host 127.0.0.1 --port 13000):
+             workers given hydra.sweeper.storage=grpc://host:13000 share its database connections
 The overrides choose the study as the sweep does, e.g. `hparams_search=grid hydra.sweeper.storage=...`."""
 
 
@@ -52,8 +54,19 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--gpus-per-worker", type=int, default=0)
         parser.add_argument("--minutes", type=int, default=24 * 60)
         parser.add_argument("--wait", action="store_true", help="on SLURM, wait for the jobs to end")
+    if cmd == "proxy":
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=13000)
     args, overrides = parser.parse_known_args(argv[1:])
     cfg = study_config(overrides)
+    if cmd == "proxy":
+        loop.log(f"gRPC storage proxy for {describe_storage(cfg.hydra.sweeper.storage)} on {args.host}:{args.port}")
+        try:
+            serve_proxy(cfg.hydra.sweeper.storage, args.host, args.port)
+        except SweepConfigError as e:
+            print(f"sweep config error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if cmd == "submit":
         return submit(cfg, overrides, args.workers, args.slurm_partition, args.gpus_per_worker, args.minutes,
                       args.wait)

@@ -1,5 +1,5 @@
-"""The storage a study lives in, shared by every worker: `journal:<file>` (default), `redis://...`, or an RDB
-(`sqlite:///...`, `postgresql://...`); the locks that make creating a schema and changing a trial's state
+"""The storage a study lives in, shared by every worker: `journal:<file>` (default), `redis://...`, an RDB
+(`sqlite:///...`, `postgresql://...`), or `grpc://host:port`, Optuna's storage proxy in front of one; the locks that make creating a schema and changing a trial's state
 safe when many workers do it at once."""
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             raise SweepConfigError(f"hydra.sweeper.storage={url}: journal:<file> needs a file name")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    if scheme == "grpc":  # Optuna's gRPC proxy (python -m src.sweeps proxy) in front of the database
+        host, _, port = url.split("://", 1)[1].rstrip("/").partition(":")
+        try:
+            from optuna.storages import GrpcStorageProxy
+
+            return GrpcStorageProxy(host=host, port=int(port or 13000))
+        except ImportError:
+            raise SweepConfigError(f"hydra.sweeper.storage={url}: the gRPC proxy needs grpcio: "
+                                   "pip install -e '.[grpc]'") from None
     if scheme == "redis":
         try:
             return JournalStorage(JournalRedisBackend(url))
@@ -63,8 +72,8 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             storage._gradflow_transition_lock = FileLock(f"{db}.claims.lock", timeout=300)
         return storage
     raise SweepConfigError(
-        f"hydra.sweeper.storage={redact(url)}: expected journal:<file>, redis://host:port, sqlite:///<file> "
-        "or postgresql://user@host/db")
+        f"hydra.sweeper.storage={redact(url)}: expected journal:<file>, redis://host:port, sqlite:///<file>, "
+        "postgresql://user@host/db or grpc://host:port (the proxy)")
 
 
 @contextmanager
@@ -78,6 +87,18 @@ def _pg_advisory_lock(url: str):
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_ID,))
+
+
+def serve_proxy(url: str, host: str, port: int) -> None:
+    """Optuna's gRPC storage proxy on host:port in front of the storage `url`, until interrupted: workers given
+    grpc://host:port share the proxy's connections instead of holding their own (docs/cluster.md)."""
+    if sqlite_path(url) is not None:  # claims on SQLite are serialised by our file lock, which the proxy skips
+        raise SweepConfigError(f"hydra.sweeper.storage={url}: the proxy is for PostgreSQL or a journal, not SQLite")
+    try:
+        from optuna.storages import run_grpc_proxy_server
+    except ImportError:
+        raise SweepConfigError("the gRPC proxy needs grpcio: pip install -e '.[grpc]'") from None
+    run_grpc_proxy_server(open_storage(url), host=host, port=port)
 
 
 def describe_storage(url: str | None) -> str:
