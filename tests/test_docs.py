@@ -33,7 +33,7 @@ def test_every_module_command_named_exists():
     assert not missing, missing
 
 
-@pytest.mark.parametrize("module,sub", [("src.sweeps", ("status", "report", "requeue", "dashboard", "submit")),
+@pytest.mark.parametrize("module,sub", [("src.sweeps", ("status", "report", "requeue", "dashboard", "submit", "proxy")),
                                         ("src.tracking", ("replay",))])
 def test_every_subcommand_named_is_in_its_help(module, sub):
     documented = set(re.findall(rf"python -m {re.escape(module)} ([a-z]+)", ALL))
