@@ -173,6 +173,17 @@ def test_twelve_workers_on_postgresql_run_every_point_once(tmp_path, mlflow_serv
     assert len(trials) == 24 and len({t.system_attrs[WORKER] for t in trials}) > 2  # shared out among workers
 
 
+def test_a_worker_waits_for_the_proxy_then_says_none_answered(monkeypatch):
+    pytest.importorskip("grpc", reason="the grpc extra: pip install -e '.[grpc]'")
+    import src.sweeps.storage as storage
+    from src.sweeps.space import SweepConfigError
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(storage, "PROXY_WAIT_S", 1)
+    with pytest.raises(SweepConfigError, match=r"no storage proxy answered in 1 s \(start one with: python -m src"):
+        storage.open_storage(f"grpc://127.0.0.1:{free_port()}")
+
+
 @pytest.mark.slow
 def test_workers_through_the_grpc_proxy_run_every_point_once(tmp_path):
     import optuna

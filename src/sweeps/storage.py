@@ -4,6 +4,7 @@ safe when many workers do it at once."""
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -21,6 +22,7 @@ SCHEMA_LOCK_ID = 0x6772616466  # any constant shared by all workers ("gradf")
 # thread, so N workers hold about N connections, not SQLAlchemy's default of up to 15 each (docs/cluster.md has
 # the arithmetic). pool_pre_ping: a worker that idles while a trial runs must not reuse a dropped connection.
 ENGINE = {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 1}
+PROXY_WAIT_S = 120
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "postgresql+psycopg", "mysql", "mysql+pymysql")
 
 
@@ -41,11 +43,20 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         host, _, port = url.split("://", 1)[1].rstrip("/").partition(":")
         try:
             from optuna.storages import GrpcStorageProxy
-
-            return GrpcStorageProxy(host=host, port=int(port or 13000))
         except ImportError:
             raise SweepConfigError(f"hydra.sweeper.storage={url}: the gRPC proxy needs grpcio: "
                                    "pip install -e '.[grpc]'") from None
+        with warnings.catch_warnings():  # "experimental" on every worker's stderr says nothing a user can act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            proxy = GrpcStorageProxy(host=host, port=int(port or 13000))
+        # Workers and the proxy are often started together (one SLURM job, one compose up): wait for it to
+        # listen rather than fail the first call with "connection refused".
+        try:
+            proxy.wait_server_ready(timeout=PROXY_WAIT_S)
+        except ConnectionError:
+            raise SweepConfigError(f"hydra.sweeper.storage={url}: no storage proxy answered in {PROXY_WAIT_S} s "
+                                   "(start one with: python -m src.sweeps proxy)") from None
+        return proxy
     if scheme == "redis":
         try:
             return JournalStorage(JournalRedisBackend(url))
@@ -98,7 +109,9 @@ def serve_proxy(url: str, host: str, port: int) -> None:
         from optuna.storages import run_grpc_proxy_server
     except ImportError:
         raise SweepConfigError("the gRPC proxy needs grpcio: pip install -e '.[grpc]'") from None
-    run_grpc_proxy_server(open_storage(url), host=host, port=port)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        run_grpc_proxy_server(open_storage(url), host=host, port=port)
 
 
 def describe_storage(url: str | None) -> str:
