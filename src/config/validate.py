@@ -63,6 +63,11 @@ def problems(cfg) -> list[str]:
         value = c[group][field]
         need(value in table, key, f"must be one of {', '.join(sorted(table))}", value)
 
+    bias_std, weight_var = c["init"].get("bias_std", 0.0), c["init"].get("weight_var", 1.0)
+    need(isinstance(bias_std, (int, float)) and bias_std >= 0, "init.bias_std", "must be a number >= 0", bias_std)
+    need(isinstance(weight_var, (int, float)) and weight_var > 0, "init.weight_var", "must be a number > 0",
+         weight_var)
+
     m = c["model"]
     for k in ("depth", "width", "channels", "heads", "max_len"):
         if k in m and not (k in ("depth", "width") and m.get("widths") is not None):

@@ -92,17 +92,23 @@ def activation(name: str, **params) -> nn.Module:
 
 
 def _lecun_normal(w: Tensor) -> None:
-    nn.init.normal_(w, 0.0, 1.0 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(w)[0]))
+    _scaled_normal(w, 1.0)
 
 
-# Each takes the weight tensor plus the option's parameters and fills it in place; biases are zeroed
-# by the model (except torch_default, which keeps PyTorch's own bias init too).
+def _scaled_normal(w: Tensor, weight_var: float = 1.0) -> None:
+    """N(0, weight_var / fan_in): the mean-field papers' sigma_w^2 = weight_var."""
+    nn.init.normal_(w, 0.0, math.sqrt(weight_var / nn.init._calculate_fan_in_and_fan_out(w)[0]))
+
+
+# Each takes the weight tensor plus the option's parameters and fills it in place; biases are drawn from
+# N(0, bias_std^2) by init_weights, zero by default (torch_default keeps PyTorch's own bias init too).
 INITS: dict[str, Callable[..., None]] = {
     "xavier_uniform": lambda w: nn.init.xavier_uniform_(w),
     "xavier_normal": lambda w: nn.init.xavier_normal_(w),
     "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu"),
     "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, mode="fan_in", nonlinearity="relu"),
     "lecun_normal": _lecun_normal,
+    "scaled_normal": _scaled_normal,
     "normal": lambda w, std=1.0: nn.init.normal_(w, 0.0, std),
     "orthogonal": lambda w, gain=1.0: nn.init.orthogonal_(w, gain=gain),
     "torch_default": lambda w: None,
@@ -120,9 +126,10 @@ def init_fn(name: str, **params) -> Callable[[Tensor], None]:
 INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
 
 
-def init_weights(net: nn.Module, name: str, **params) -> None:
-    """Fill every weight matrix (or kernel) of net's INIT_TYPES modules with init `name` and zero their
-    biases; torch_default changes nothing (PyTorch's own init, biases included)."""
+def init_weights(net: nn.Module, name: str, bias_std: float = 0.0, **params) -> None:
+    """Fill every weight matrix (or kernel) of net's INIT_TYPES modules with init `name` and draw their
+    biases from N(0, bias_std^2) (zero by default); torch_default changes nothing (PyTorch's own init, biases
+    included)."""
     fill = init_fn(name, **params)
     if name == "torch_default":
         return
@@ -132,7 +139,7 @@ def init_weights(net: nn.Module, name: str, **params) -> None:
                 if p.dim() >= 2:
                     fill(p)
                 elif "bias" in pname:
-                    nn.init.zeros_(p)
+                    nn.init.normal_(p, 0.0, bias_std) if bias_std else nn.init.zeros_(p)
 
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
