@@ -32,3 +32,24 @@ def test_the_depth_scale_diverges_at_the_critical_point():
     assert phase.correlation_depth("tanh", crit, 0.05) > 1000
     assert phase.correlation_depth("tanh", crit, 0.05) > phase.correlation_depth("tanh", crit * 1.05, 0.05) \
         > phase.correlation_depth("tanh", crit * 1.3, 0.05)
+
+
+def test_the_papers_inits_build_what_they_say(compose_cfg):
+    import torch
+
+    from src.config import build, validate
+
+    cfg = compose_cfg(["init=gaussian", "init.weight_var=2.0", "init.bias_std=0.5", "activation=tanh",
+                       "model.width=512", "model.depth=3"])
+    data = build.data_module(cfg)
+    net = build.network(cfg, data)
+    hidden = net.layer_01
+    assert hidden.weight.var().item() * 512 == pytest.approx(2.0, rel=0.05)
+    assert hidden.bias.std().item() == pytest.approx(0.5, rel=0.15)
+    crit = build.network(compose_cfg(["init=critical_orthogonal", "activation=relu", "model.width=64"]), data)
+    w = crit.layer_01.weight.double()
+    assert torch.allclose(w @ w.T, 2.0 * torch.eye(64, dtype=torch.float64), atol=1e-5)  # gain^2 = 2 for relu
+    assert float(compose_cfg(["init=critical", "activation=tanh"]).init.weight_var) == pytest.approx(1.0, abs=5e-3)
+    assert "init.bias_std=-1.0: must be a number >= 0" in validate.problems(compose_cfg(["init.bias_std=-1.0"]))
+    with pytest.raises(Exception, match="sigmoid: chi1 does not cross 1"):  # no critical line to stand on
+        compose_cfg(["init=critical", "activation=sigmoid"]).init.weight_var

@@ -22,7 +22,8 @@ from scipy.optimize import brentq
 
 from src.models.registry import ACTIVATIONS, lookup
 
-N_NODES = 64  # per dimension of the 2-D quadrature; even (no node at relu's kink)
+N_NODES = 64  # per dimension; even (no node at relu's kink). Accurate while q* stays below ~20 (sigma_w^2 up to
+# ~10): beyond, f' is a spike narrower than the nodes' spacing
 MAX_ITERS, TOL = 5000, 1e-13
 
 

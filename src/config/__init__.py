@@ -15,7 +15,7 @@ def _critical_var(activation: str, bias_std: float = 0.0) -> float:
     """sigma_w^2 on the mean-field critical line of `activation` for this bias (src/analysis/phase.py)."""
     from src.analysis.phase import critical_weight_variance
 
-    return critical_weight_variance(activation, float(bias_std) ** 2, hi=256.0)
+    return critical_weight_variance(activation, float(bias_std) ** 2)
 
 
 # ${critical_var:tanh,0.0}: the weight variance at the edge of chaos (conf/init/critical*.yaml); OmegaConf calls a
