@@ -11,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from src import console
-from src.analysis import outputs, theory, verdict
+from src.analysis import jacobian, outputs, theory, verdict
 from src.callbacks import tags_of
 from src.callbacks.guards import CtrlCAtStepEnd
 from src.callbacks.progress import RunProgressBar
@@ -42,6 +42,9 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     no_theory = theory.not_applicable(net)
     prediction = None if no_theory else theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))
     chi1 = prediction.chi1 if prediction else None
+    no_jacobian = jacobian.not_applicable(net) if cfg.stats.jacobian else None
+    spectrum = jacobian.singular_values(net, data.train_set.tensors[0]) if cfg.stats.jacobian and not no_jacobian \
+        else None  # of the net as initialised, like the theory
     out_dir, name, uri = build.output_dir(), build.run_name(cfg), resolve_uri(cfg.tracking.uri)
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
                     server_timeout=cfg.tracking.server_timeout) as run:
@@ -66,6 +69,11 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
             run.writer.log_metrics(theory.metrics(prediction, got.trace), 0)
         if no_theory:
             run.writer.set_tags({"theory": f"not applicable: {no_theory}"})
+        if spectrum is not None:
+            run.writer.log_metrics(jacobian.metrics(spectrum), 0)
+            run.log_artifact(jacobian.write_csv(spectrum, out_dir / "spectrum.csv"), "jacobian")
+        if no_jacobian:
+            run.writer.set_tags({"jacobian": f"not applicable: {no_jacobian}"})
         judged = verdict.diagnose(got.trace, logger.history, build.judged_activation(cfg, net),
                                   verdict.from_config(build.plain(cfg.verdict)), got.through_time, data.constant_loss)
         run.writer.set_tags(judged.tags())
