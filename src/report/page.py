@@ -91,3 +91,12 @@ def table(header: list[str], body: list[list], cls: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     rows_ = "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in body)
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{rows_}</tbody></table>"
+
+
+def chart(into: str, title: str, x, series: list[tuple[str, object]], log: bool, group: str = "",
+          xlabel: str = "step", span: bool = False, points: tuple[str, ...] = ()) -> dict:
+    """A line chart for report.js, drawn into the element `into`. `span`: lines bridge the x a series has no
+    value at; `points`: series drawn with markers."""
+    return {"into": into, "title": title, "x": numbers(x), "xlabel": xlabel, "log": log, "group": group,
+            "span": span, "series": [{"label": label, "y": numbers(y), "points": label in points}
+                                     for label, y in series]}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.report.page import chart as _chart
 from src.report.page import document, esc, fmt, numbers, rows, table
 
 MAX_COLUMNS = 500   # recorded steps per heatmap row
@@ -58,14 +59,6 @@ def _heatmap(into: str, title: str, names, x, values: np.ndarray, label: str, lo
     """values: [len(names), len(x)], names[0] drawn at the bottom; `height` in CSS pixels (default: by rows)."""
     return {"height": height, "into": into, "title": title, "rows": [str(n) for n in names], "x": [int(s) for s in x],
             "values": rows(values), "label": label, "log": log, "cmap": cmap, "xlabel": xlabel}
-
-
-def _chart(into: str, title: str, x, series: list[tuple[str, np.ndarray]], log: bool, group: str = "",
-           xlabel: str = "step", span: bool = False, points: tuple[str, ...] = ()) -> dict:
-    """`span`: lines bridge the steps a series was not logged at; `points`: series drawn with markers."""
-    return {"into": into, "title": title, "x": numbers(x), "xlabel": xlabel, "log": log, "group": group,
-            "span": span, "series": [{"label": label, "y": numbers(y), "points": label in points}
-                                     for label, y in series]}
 
 
 def _trace(trace: dict, data: dict) -> str:

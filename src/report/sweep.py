@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from src.report import views
 from src.report.page import document, esc, fmt, table
 from src.tracking.urls import page_route, ui_base
 
@@ -20,7 +21,7 @@ SUCCESS = ("COMPLETE", "FINISHED")  # an Optuna trial's, an MLflow run's
 
 
 def write(path: Path, title: str, points: pd.DataFrame, params: list[str], metric: str, direction: str,
-          uri: str = "", experiment_id: str = "") -> Path:
+          uri: str = "", experiment_id: str = "", context: dict | None = None) -> Path:
     """Write the report of a sweep to `path`. `points`: one row per point, with its params and the columns
     state, objective, verdict, backprop_ratio_init, seconds, attempts, error, mlflow_run_id. With the tracking
     `uri` and the runs' `experiment_id`, every point with a run links to the run's page in the MLflow UI."""
@@ -31,13 +32,14 @@ def write(path: Path, title: str, points: pd.DataFrame, params: list[str], metri
         return f"<a href='{esc(ui_base(uri) + route)}' data-route='{esc(route)}'>{text}</a>"
 
     points = points.sort_values(params, ignore_index=True) if params else points
-    body = _summary(title, points, params, metric, direction, link)
+    body, data = _summary(title, points, params, metric, direction, link), {}
     if not points.empty:
-        body += (_heatmaps(points, params, "objective", metric, False, "viridis", link)
+        body += (views.phase(points, params, context or {}, metric, link) + views.spectrum(points, params, data)
+                 + _heatmaps(points, params, "objective", metric, False, "viridis", link)
                  + _heatmaps(points, params, "backprop_ratio_init", "backprop_ratio at step 0", True, "magma", link)
                  + _points(points, params, metric, link))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(document(title, body, {}))
+    path.write_text(document(title, body, data))
     return path
 
 

@@ -31,9 +31,17 @@ def main(argv: list[str]) -> int:
     a = p.parse_intermixed_args(argv)  # overrides may follow --quick
     uri = resolve_uri(None)
     run = latest_study(a.preset, uri, a.quick) if a.reread else run_study(a.preset, a.quick, a.overrides, uri)
-    text = markdown(a.preset, run, a.quick)
     out = Path(a.out) / f"{a.preset}{'.quick' if a.quick else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    figure = None
+    if STUDIES[a.preset].figure:
+        png = out.with_suffix(".png")
+        try:
+            STUDIES[a.preset].figure(run.rows, png)
+            figure = png.name
+        except Exception as e:  # noqa: BLE001 - the table is the result; a figure that fails is reported
+            print(f"figure: could not draw {png}: {e}", file=sys.stderr)
+    text = markdown(a.preset, run, a.quick, figure)
     out.write_text(text)
     print(text)
     print(f"written: {out}")

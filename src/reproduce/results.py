@@ -14,9 +14,11 @@ from src.reproduce.studies import STUDIES
 START, END = "<!-- presets:start (python -m src.reproduce readme) -->", "<!-- presets:end -->"  # the README's block
 _OURS = re.compile(r"— (\d+) runs?, (\d+) s wall time")
 _CHECK = re.compile(r"^- (.*): \*\*(.*)\*\*$", re.M)
+_NUMBER = re.compile(r"^\*\*Our number\.\*\* (.*)$", re.M)
 
 
-def markdown(preset: str, run: StudyRun, quick: bool) -> str:
+def markdown(preset: str, run: StudyRun, quick: bool, figure: str | None = None) -> str:
+    """The study's table, our number, its figure (a path relative to the table) and its checks."""
     study = STUDIES[preset]
     heads = ["run", *[h.replace("|", "\\|") for h, _ in study.columns], "seed / paper"]
     n = len(run.rows)
@@ -33,6 +35,13 @@ def markdown(preset: str, run: StudyRun, quick: bool) -> str:
             cells.append(fmt(v) if isinstance(v, (int, float)) or v is None else str(v).replace("|", "\\|"))
         cells.append(study.seed_column(r).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
+    if study.ours:
+        try:
+            lines.append(f"\n**Our number.** {study.ours(run.rows)}")
+        except Exception as e:  # noqa: BLE001 - a missing cell: say so, the table still stands
+            lines.append(f"\n**Our number.** cannot be computed ({type(e).__name__})")
+    if figure:
+        lines.append(f"\n![{preset}]({figure})")
     for text, check in study.checks:
         try:
             ok = "holds" if check(run.rows) else "does NOT hold"
@@ -48,7 +57,10 @@ def summary_row(preset: str, table: str, link: str) -> str:
     runs = f"{ours[1]} run{'' if ours[1] == '1' else 's'}, {ours[2]} s" if ours else "—"
     checks = "; ".join(f"{text}: **{ok}**" for text, ok in _CHECK.findall(table)) or "—"
     quick = " (quick)" if "(quick)" in table.splitlines()[0] else ""
-    return f"| [`{preset}`]({link}){quick} | {STUDIES[preset].title} | {runs} | {checks} |"
+    number = _NUMBER.search(table)
+    claim = STUDIES[preset].claim or "—"
+    return (f"| [`{preset}`]({link}){quick} | {STUDIES[preset].title} | {claim} | {number[1] if number else '—'} | "
+            f"{runs} | {checks} |")
 
 
 def update_readme(results: Path, readme: Path = Path("README.md")) -> None:
@@ -63,5 +75,6 @@ def update_readme(results: Path, readme: Path = Path("README.md")) -> None:
             link = Path("docs/results") / f.name if results.resolve() == (readme.parent / "docs/results").resolve() \
                 else f
             rows.append(summary_row(preset, f.read_text(), str(link)))
-    block = ["| preset | study | runs, wall time (2 cores) | checks |", "|---|---|---|---|", *rows]
+    block = ["| preset | study | the paper's claim | our number | runs, wall time (2 cores) | checks |",
+             "|---|---|---|---|---|---|", *rows]
     replace_block(readme, "presets", "\n".join(block))

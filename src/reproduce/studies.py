@@ -2,24 +2,11 @@
 run of --quick, and the checks that say whether our runs show the same thing."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 from src.reproduce.columns import (Row, best, by, first, first_step_above, last, layer_range, ratio_of_medians,
                                    swept, tag, tail_mean, top_hidden, val_err)
-
-
-@dataclass
-class Study:
-    title: str                           # the study in one line (the README's table)
-    reference: str                       # what the seed/paper showed, in one paragraph
-    columns: list[tuple[str, Callable]]  # (header, fn(row) -> value)
-    quick: list[str]                     # overrides for --quick
-    seed_column: Callable[[Row], str] = lambda r: ""
-    checks: list[tuple[str, Callable[[list[Row]], bool]]] = field(default_factory=list)
-
-
-VERDICT = ("verdict", tag("verdict"))
+from src.reproduce.study import VERDICT, Study
 
 
 def slowest_to_learn(rows: list[Row]) -> bool:
@@ -229,3 +216,7 @@ STUDIES: dict[str, Study] = {
                  > last("val/acc")(by(rs, cure="none")) + 0.3)],
     ),
 }
+
+from src.reproduce.papers import PAPERS  # noqa: E402 - the signal-propagation papers, in a file of their own
+
+STUDIES.update(PAPERS)

@@ -10,6 +10,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from src.report import sweep as sweep_page
+from src.report.views import SPECTRUM
 from src.sweeps.study import counts, params_of
 
 
@@ -26,6 +27,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "retry_of": t.system_attrs.get("failed_trial", ""),
             "error": (t.user_attrs.get("error") or "")[:200],
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
+            **{k: t.user_attrs.get(k, math.nan) for k in SPECTRUM},
         })
     return pd.DataFrame(rows)
 
@@ -52,15 +54,17 @@ def write(study: optuna.Study, out_dir: Path, metric: str, uri: str = "",
     shown = points.drop(columns=["mlflow_run_id"], errors="ignore").rename(columns={"objective": metric})
     csv = out_dir / "report.csv"
     shown.to_csv(csv, index=False)
+    context = next((t.user_attrs["context"] for t in study.get_trials(deepcopy=False) if "context" in t.user_attrs),
+                   {})
     page = sweep_page.write(out_dir / "report.html", f"Study {study.study_name}", points, params, metric,
-                            study.direction.name.lower(), uri, experiment_id)
+                            study.direction.name.lower(), uri, experiment_id, context)
     text = f"study {study.study_name}: {len(points)} points, {len(df)} trials\n" + shown.drop(
         columns=["error"], errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}")
     return [csv, page], text
 
 
 _NON_PARAMS = {"trial", "state", "objective", "verdict", "backprop_ratio_init", "seconds", "retry_of", "error",
-               "mlflow_run_id"}
+               "mlflow_run_id", *SPECTRUM}
 
 
 def status_text(study: optuna.Study) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 
 from src.callbacks.pruning import PRUNED_AT, TRIAL_ENV, OptunaPruning
+from src.report.views import CONTEXT, SPECTRUM
 from src.sweeps import leases, loop
 from src.sweeps.space import as_overrides
 from src.sweeps.storage import open_storage, storage_of
@@ -138,7 +139,7 @@ def close_mlflow_run(mlflow, run_id: str | None, status: str) -> None:
 
 
 def _copy_run_summary(mlflow, run_id: str, trial: optuna.Trial) -> None:
-    """The run's verdict and initial backprop_ratio, kept with the trial for the report."""
+    """The run's verdict, initial backprop_ratio and what the report's views need, kept with the trial."""
     try:
         run = mlflow.get_run(run_id)
         if "verdict" in run.data.tags:
@@ -146,6 +147,11 @@ def _copy_run_summary(mlflow, run_id: str, trial: optuna.Trial) -> None:
         history = mlflow.get_metric_history(run_id, "backprop_ratio")
         if history:
             trial.set_user_attr("backprop_ratio_init", min(history, key=lambda m: m.step).value)
+        # what the report's views need (src.report.views): the fixed config of the theory, the Jacobian at step 0
+        trial.set_user_attr("context", {k: run.data.params.get(k) for k in CONTEXT})
+        for k in SPECTRUM:
+            if k in run.data.metrics:
+                trial.set_user_attr(k, run.data.metrics[k])
     except Exception as e:  # noqa: BLE001
         loop.log(f"trial {trial.number}: could not read MLflow run {run_id}: {e}")
 

@@ -16,6 +16,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 
 from src.report import sweep as sweep_page
+from src.report.views import CONTEXT, SPECTRUM
 from src.tracking import view
 from src.tracking.env import PARENT_RUN_ENV, SWEEP_KEYS_ENV
 from src.tracking.retry import first_line, retrying
@@ -87,7 +88,8 @@ class MultirunParentRun(Callback):
         """report.html over the children, written to `path` and attached to the parent run."""
         try:
             points = points_frame(self.client, runs, self.keys)
-            sweep_page.write(path, self.name, points, self.keys, METRIC, "maximize", self.uri, self.exp_id)
+            context = {k: runs[0].data.params.get(k) for k in CONTEXT} if runs else {}
+            sweep_page.write(path, self.name, points, self.keys, METRIC, "maximize", self.uri, self.exp_id, context)
             self.client.log_artifact(self.run_id, str(path))
         except Exception as e:  # noqa: BLE001 - the runs and their table are complete; only the page is lost
             print(f"mlflow: could not attach the multirun's report: {redact(first_line(e))}", file=sys.stderr)
@@ -118,6 +120,7 @@ def points_frame(client, runs, keys: list[str]) -> pd.DataFrame:
         "verdict": r.data.tags.get("verdict", ""), "backprop_ratio_init": initial_backprop_ratio(client, r),
         "seconds": (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else math.nan,
         "attempts": 1, "error": r.data.tags.get("error", "")[:200], "mlflow_run_id": r.info.run_id,
+        **{k: r.data.metrics.get(k, math.nan) for k in SPECTRUM},
     } for r in runs])
     for k in keys:
         try:
