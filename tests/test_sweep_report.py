@@ -131,3 +131,35 @@ def test_a_multiruns_parent_gets_the_report(tmp_path):
         assert child.data.tags["verdict"] in text
     assert re.findall(r"<figcaption>(.*?)</figcaption>", text) == []  # two axes: one table per heatmap, no facets
     assert text.count("<table class='heat'") == 2 and "rows activation, columns init;" in text
+
+
+def test_a_phase_sweep_gets_the_diagram_with_the_theory_line_and_a_spectrum_sweep_its_charts(tmp_path):
+    """Axes sigma_w^2 x depth: a table of the objective with the cells beyond 6 xi_c outlined and the line's
+    depth per column; step-0 Jacobian metrics over depth: the spread chart, one line per other axis."""
+    import json
+
+    import pandas as pd
+
+    from src.report import sweep as sweep_page
+
+    rows = [{"init.weight_var": w, "model.depth": d, "state": "COMPLETE", "objective": acc, "verdict": "healthy",
+             "backprop_ratio_init": 1.0, "seconds": 1.0, "attempts": 1, "error": "", "mlflow_run_id": uuid.uuid4().hex}
+            for w, d, acc in ((1.0, 10, 0.9), (1.0, 80, 0.1), (1.76, 10, 0.9), (1.76, 80, 0.7))]
+    page = sweep_page.write(tmp_path / "phase.html", "trainability", pd.DataFrame(rows),
+                            ["init.weight_var", "model.depth"], "val/acc", "maximize",
+                            context={"activation.name": "tanh", "init.bias_std": "0.2236"}).read_text()
+    assert "<h2>Phase diagram</h2>" in page and "critical σ_w² 1.76" in page
+    assert page.count("class='beyond'") == 1  # depth 80 at sigma_w^2 = 1 (6 xi_c = 22)
+    assert "<th>6 ξ_c</th><td>21.8</td>" in page and "4 of 4 points are on the side the theory predicts" in page
+    assert "Jacobian spectrum" not in page
+
+    spec = [{"activation": a, "model.depth": d, "state": "COMPLETE", "objective": 0.9, "verdict": "healthy",
+             "backprop_ratio_init": 1.0, "seconds": 1.0, "attempts": 1, "error": "", "mlflow_run_id": "",
+             "jacobian/max_sv": top, "jacobian/mean_sq_sv": 1.0}
+            for a, d, top in (("tanh", 2, 1.2), ("tanh", 32, 1.9), ("relu", 2, 1.5), ("relu", 32, 12.0))]
+    page = sweep_page.write(tmp_path / "spectrum.html", "isometry", pd.DataFrame(spec), ["activation", "model.depth"],
+                            "val/acc", "maximize").read_text()
+    data = json.loads(re.search(r"id='gradflow-data'>(.*?)</script>", page, re.S)[1])
+    spread = next(c for c in data["charts"] if c["title"].startswith("max σ²"))
+    assert spread["x"] == [2, 32] and [s["label"] for s in spread["series"]] == ["activation=relu", "activation=tanh"]
+    assert spread["series"][0]["y"] == [2.25, 144] and "Phase diagram" not in page
