@@ -73,6 +73,7 @@ def test_groups_are_the_documented_ones():
 def test_option_composes_and_builds_what_it_names(group, option, compose_cfg, tiny_mnist):
     extra = [f"data.path={tiny_mnist}"] if "mnist" in option else []  # data=mnist*, experiment=mnist_*
     extra += [MODEL_FOR[option]] if group == "data" and option in MODEL_FOR else []
+    extra += ["activation=tanh"] if option.startswith("critical") else []  # the default sigmoid has no critical line
     cfg = compose_cfg([f"{group}={option}", *extra])
     validate.check(cfg)
     data = build.data_module(cfg)

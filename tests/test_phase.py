@@ -51,5 +51,8 @@ def test_the_papers_inits_build_what_they_say(compose_cfg):
     assert torch.allclose(w @ w.T, 2.0 * torch.eye(64, dtype=torch.float64), atol=1e-5)  # gain^2 = 2 for relu
     assert float(compose_cfg(["init=critical", "activation=tanh"]).init.weight_var) == pytest.approx(1.0, abs=5e-3)
     assert "init.bias_std=-1.0: must be a number >= 0" in validate.problems(compose_cfg(["init.bias_std=-1.0"]))
-    with pytest.raises(Exception, match="sigmoid: chi1 does not cross 1"):  # no critical line to stand on
+    with pytest.raises(Exception, match="sigmoid has no critical sigma_w"):  # no critical line to stand on
         compose_cfg(["init=critical", "activation=sigmoid"]).init.weight_var
+    assert validate.problems(compose_cfg(["init=critical", "activation=sigmoid"])) == [
+        "init.weight_var: sigmoid has no critical sigma_w^2 at sigma_b^2=0 (chi1 does not cross 1 for sigma_w^2 in "
+        "[0.5, 8]): choose another activation or init"]

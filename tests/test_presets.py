@@ -30,7 +30,7 @@ QUIET = ["trainer.enable_progress_bar=false", "tracking.plots=false"]
 def test_the_documented_presets_exist():
     assert set(PRESETS) == {"circles_4x5", "moons_sigmoid_vs_relu", "mnist_40_20", "mnist_deep_sigmoid",
                             "line_fit", "glorot_bengio", "he_depth", "cures", "plain_vs_resnet", "rnn_vs_lstm",
-                            "post_vs_pre_ln"}
+                            "post_vs_pre_ln", "trainability", "isometry", "deep_linear", "glorot_saturation"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)

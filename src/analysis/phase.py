@@ -101,7 +101,8 @@ def correlation_depth(activation: str, sw2: float, sb2: float) -> float:
 def critical_weight_variance(activation: str, sb2: float, lo: float = 0.5, hi: float = 8.0) -> float:
     """The sigma_w^2 where chi1 = 1 for this sigma_b^2 (bisection: chi1 grows with sigma_w^2)."""
     if (chi1(activation, lo, sb2) - 1) * (chi1(activation, hi, sb2) - 1) > 0:
-        raise ValueError(f"{activation}: chi1 does not cross 1 for sigma_w^2 in [{lo}, {hi}] at sigma_b^2={sb2}")
+        raise ValueError(f"{activation} has no critical sigma_w^2 at sigma_b^2={sb2:g} (chi1 does not cross 1 for "
+                         f"sigma_w^2 in [{lo:g}, {hi:g}]): choose another activation or init")
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if chi1(activation, mid, sb2) < 1.0 else (lo, mid)

@@ -7,10 +7,13 @@ Hydra itself rejects unknown config-group options (listing the available ones) a
 """
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from src.analysis import verdict
 from src.config import keys
@@ -51,7 +54,11 @@ def check(cfg) -> None:
 
 def problems(cfg) -> list[str]:
     out: list[str] = keys.problems(cfg, _task_overrides())  # first: a typo'd key explains what follows
-    c = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        c = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:  # a resolver's own error (init=critical on sigmoid): one line
+        cause = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(e).splitlines()[0])
+        return out + [f"{e.full_key}: {cause}"]
 
     def need(ok: bool, key: str, what: str, value) -> None:
         if not ok:
@@ -141,6 +148,7 @@ def problems(cfg) -> list[str]:
             and te != s["log_every_n_steps"]:  # that one has its own message above
         need(te % s["every_n_steps"] == 0, "stats.time_every_n_steps",
              f"must be a multiple of stats.every_n_steps ({s['every_n_steps']})", te)
+    need(isinstance(s.get("jacobian", False), bool), "stats.jacobian", "must be true or false", s.get("jacobian"))
     out += selection_problems(s.get("include"), s.get("exclude"), s.get("types"))
 
     for name, node in (c.get("callbacks") or {}).items():
