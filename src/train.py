@@ -42,13 +42,12 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     no_theory = theory.not_applicable(net)
     prediction = None if no_theory else theory.predict(net, data.train_set.tensors[0], *build.option(cfg.activation))
     chi1 = prediction.chi1 if prediction else None
-    no_jacobian = jacobian.not_applicable(net) if cfg.stats.jacobian else None
-    spectrum = jacobian.singular_values(net, data.train_set.tensors[0]) if cfg.stats.jacobian and not no_jacobian \
-        else None  # of the net as initialised, like the theory
+    spectrum, no_jacobian = jacobian.at_init(cfg.stats.jacobian, net, data.train_set.tensors[0])  # as initialised
     out_dir, name, uri = build.output_dir(), build.run_name(cfg), resolve_uri(cfg.tracking.uri)
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
                     server_timeout=cfg.tracking.server_timeout) as run:
         logger = MlflowAsyncLogger(run.writer, cfg.tracking.experiment)
+        jacobian.record(run, spectrum, no_jacobian, out_dir, cfg.tracking.plots, name)  # kept if fit fails
         trainer = L.Trainer(**build.plain(cfg.trainer), logger=logger, callbacks=callbacks + bar,
                             default_root_dir=str(out_dir))
         per_epoch = (lambda: trainer.num_training_batches // cfg.trainer.accumulate_grad_batches) \
@@ -69,17 +68,12 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
             run.writer.log_metrics(theory.metrics(prediction, got.trace), 0)
         if no_theory:
             run.writer.set_tags({"theory": f"not applicable: {no_theory}"})
-        if spectrum is not None:
-            run.writer.log_metrics(jacobian.metrics(spectrum), 0)
-            run.log_artifact(jacobian.write_csv(spectrum, out_dir / "spectrum.csv"), "jacobian")
-        if no_jacobian:
-            run.writer.set_tags({"jacobian": f"not applicable: {no_jacobian}"})
         judged = verdict.diagnose(got.trace, logger.history, build.judged_activation(cfg, net),
                                   verdict.from_config(build.plain(cfg.verdict)), got.through_time, data.constant_loss)
         run.writer.set_tags(judged.tags())
         headline = results | _last(logger.history, ("backprop_ratio", "backprop_time_ratio"))
         outputs.report(run.log_artifact, got, out_dir, name, judged, headline, logger.history, chi1,
-                       redact(OmegaConf.to_yaml(cfg)))
+                       redact(OmegaConf.to_yaml(cfg)), spectrum)
         results["time/artifacts_s"] = time.perf_counter() - started - fit_s  # everything after fit, report included
         run.writer.log_metrics({k: results[k] for k in ("time/fit_s", "time/artifacts_s")}, step=trainer.global_step)
         if os.environ.get(PARENT_RUN_ENV):  # one of many: one line, the multirun's table comes at its end

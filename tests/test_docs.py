@@ -89,15 +89,15 @@ def test_every_metric_and_artifact_named_is_what_a_run_logs(tracking_uri, compos
 
     common = ["trainer.max_epochs=1", "stats.log_every_n_steps=5", "trainer.enable_progress_bar=false",
               "tracking.plots=true"]
-    train(compose_cfg(["model.depth=3", "callbacks=weight_change", "tracking.epoch_stats=true", *common,
-                       "tracking.run_name=mlp"]))
+    train(compose_cfg(["model.depth=3", "callbacks=weight_change", "tracking.epoch_stats=true", "stats.jacobian=true",
+                       *common, "tracking.run_name=mlp"]))
     train(compose_cfg(["model=rnn", "data=adding", "data.seq_len=8", "data.n_samples=320", *common,
                        "tracking.run_name=rnn"]))
     client, runs = runs_of(tracking_uri)
     logged = {k.replace("/rnn_00", "/layer_00") for r in runs for k in r.data.metrics}
     documented = set()
     for key in re.findall(r"`([a-z_0-9]+(?:/[a-z_0-9]+)*/(?:layer_LL|…|<module>|<layer>))`", ALL) + \
-            re.findall(r"`((?:train|val|time|theory)/[a-z_0-9]+)`", ALL):
+            re.findall(r"`((?:train|val|time|theory|jacobian)/[a-z_0-9]+)`", ALL):
         documented.add(re.sub(r"(layer_LL|…|<module>|<layer>)$", "layer_00", key))
     assert {f"{s}/layer_00" for s in LAYER_STATS} <= documented  # the table names every statistic
     assert "backprop_time_ratio/layer_00" in documented
@@ -105,8 +105,9 @@ def test_every_metric_and_artifact_named_is_what_a_run_logs(tracking_uri, compos
 
     files = {f.path for r in runs for d in client.list_artifacts(r.info.run_id)
              for f in ([d] if not d.is_dir else client.list_artifacts(r.info.run_id, d.path))}
-    named = set(re.findall(r"`((?:trace|plots|hydra)/[a-z_]+\.(?:parquet|png|csv|yaml)|report\.html)`", ALL))
-    for short in re.findall(r"`(layer_norms|saturation|curves|theory|hist_grad|hist_backprop|hist_act)\.png`", ALL):
+    named = set(re.findall(r"`((?:trace|plots|hydra|jacobian)/[a-z_]+\.(?:parquet|png|csv|yaml)|report\.html)`", ALL))
+    shorts = "layer_norms|saturation|curves|theory|hist_grad|hist_backprop|hist_act|jacobian_spectrum"
+    for short in re.findall(rf"`({shorts})\.png`", ALL):
         named.add(f"plots/{short}.png")
     assert len(named) > 10 and {"trace/time_trace.parquet", "report.html"} <= named
     assert not named - files, sorted(named - files)

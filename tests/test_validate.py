@@ -32,6 +32,7 @@ from tests.conftest import ROOT, runs_of
     ("stats.include=[encoder,'a(b']", "stats.include", "'a(b' is not a regular expression"),
     ("stats.exclude='norm['", "stats.exclude", "'norm[' is not a regular expression"),
     ("stats.types=[linear,conv3d]", "stats.types", "unknown type 'conv3d'; valid: linear, conv,"),
+    ("stats.jacobian=maybe", "stats.jacobian", "true or false"),
     ("stats.time_every_n_steps=0", "stats.time_every_n_steps", "integer >= 1"),
     ("stats.time_every_n_steps=15", "stats.time_every_n_steps", "multiple of stats.every_n_steps (2)"),
     ("model.norm_position=middle", "model.norm_position", "pre or post"),

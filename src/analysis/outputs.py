@@ -58,12 +58,14 @@ def record(upload: Callable[[Path, str], None], callbacks: list, history: dict, 
 
 
 def report(upload: Callable[[Path, str | None], None], got: Recorded, out_dir: Path, title: str, judged,
-           metrics: dict[str, float], history: dict, chi1: list[float] | None, config: str) -> None:
-    """Write report.html (src.report.run) and upload it at the top of the run's artifacts."""
+           metrics: dict[str, float], history: dict, chi1: list[float] | None, config: str,
+           jacobian=None) -> None:
+    """Write report.html (src.report.run) and upload it at the top of the run's artifacts; `jacobian`: the
+    singular values at initialisation (src.analysis.jacobian), when stats.jacobian computed them."""
     from src.report import run
 
     try:
         upload(run.write(out_dir / "report.html", title, judged, metrics, got.trace, history, chi1, got.hist,
-                         got.through_time, config), None)
+                         got.through_time, config, jacobian), None)
     except Exception as e:  # noqa: BLE001
         print(f"report: could not write report.html: {e}", file=sys.stderr)

@@ -249,3 +249,24 @@ def weight_change(steps, mean_abs, names: list[str], path: Path, title: str = ""
     ax.set(xlabel="step", ylabel="mean |ΔW|", yscale="log", title=title or "weight change per step")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def jacobian_spectrum(sv: np.ndarray, path: Path, title: str = "") -> Path:
+    """The singular values sigma of the Jacobian dh_L/dh_1 at initialisation [inputs, width]
+    (src.analysis.jacobian), pooled over the inputs: a histogram over log-spaced bins, sigma = 1 marked."""
+    from src.analysis.jacobian import FLOOR, histogram, metrics, spread
+
+    edges, frac = histogram(sv)
+    m = metrics(sv)
+    floored = int((sv < FLOOR * m["jacobian/max_sv"]).sum())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = _figure(figsize=(7, 4))
+    ax.stairs(frac, 10.0 ** edges, fill=True, color=_layer_colors(1)[0], alpha=0.8)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="singular value σ", ylabel="fraction of singular values",
+           title=title or "input-output Jacobian at initialisation")
+    ax.text(0.02, 0.97, f"{sv.shape[0]} inputs × {sv.shape[1]} σ\nmean σ² {m['jacobian/mean_sq_sv']:.3g}\n"
+            f"max σ {m['jacobian/max_sv']:.3g}\nmax σ² / mean σ² {spread(sv):.3g}"
+            + (f"\n{floored} σ < {FLOOR:g} max σ: in the first bin" if floored else ""),
+            transform=ax.transAxes, va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    return _save(fig, path)

@@ -8,7 +8,6 @@ Hydra itself rejects unknown config-group options (listing the available ones) a
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 from urllib.parse import urlparse
 

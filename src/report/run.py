@@ -1,7 +1,8 @@
 """A run's report.html: the verdict and its reason on top, then the gradient flow, the per-module statistics
 (with a module selector), activation saturation, loss and accuracy, the theory overlay, the signal through
 time, the histograms and the config. Long runs are thinned to a fixed number of columns per chart, so the page
-stays a few hundred KB whatever the number of steps; every value shown is a recorded one, never an average."""
+stays a few hundred KB whatever the number of steps; every value shown is a recorded one, never an average. With
+stats.jacobian, the Jacobian's singular values at initialisation (a histogram) follow the theory."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ def thin(n: int, limit: int) -> np.ndarray:
 
 def write(path: Path, title: str, verdict, metrics: dict[str, float], trace: dict | None, history: dict,
           chi1: list[float] | None = None, hist: dict | None = None, time_trace: dict | None = None,
-          config: str = "") -> Path:
-    """Write the report of one run to `path`. `verdict` is src.analysis.verdict.Verdict."""
+          config: str = "", jacobian: np.ndarray | None = None) -> Path:
+    """Write the report of one run to `path`. `verdict` is src.analysis.verdict.Verdict; `jacobian` the singular
+    values at initialisation [inputs, width] (src.analysis.jacobian)."""
     data: dict = {"heatmaps": [], "charts": [], "layers": []}
     sections = [_header(title, verdict, metrics)]
     if trace is not None and len(trace["steps"]):
@@ -37,6 +39,8 @@ def write(path: Path, title: str, verdict, metrics: dict[str, float], trace: dic
     sections.append(_training(history, data))
     if chi1 and trace is not None and len(trace["steps"]) and trace["steps"][0] == 0:
         sections.append(_theory(chi1, trace, data))
+    if jacobian is not None and jacobian.size:
+        sections.append(_jacobian(jacobian, data))
     if time_trace:
         sections.append(_through_time(time_trace, data))
     if hist:
@@ -131,6 +135,22 @@ def _theory(chi1: list[float], trace: dict, data: dict) -> str:
     ]
     return ("<h2>Theory</h2><p class='muted'>Mean-field prediction at initialisation next to the measurement; "
             f"layers: {esc(', '.join(names))}.</p><div id='theory' class='charts'></div>")
+
+
+def _jacobian(sv: np.ndarray, data: dict) -> str:
+    from src.analysis.jacobian import histogram, metrics, spread
+
+    edges, frac = histogram(sv)
+    m = metrics(sv)
+    data["charts"].append(_chart("jacobian", "fraction of the singular values σ per bin", (edges[:-1] + edges[1:]) / 2,
+                                 [("σ of dh_L/dh_1", frac)], False, xlabel="log10 σ"))
+    return ("<h2>Jacobian spectrum at initialisation</h2><p class='muted'>The singular values σ of the Jacobian of the "
+            f"last hidden layer with respect to the first at step 0, {sv.shape[0]} inputs × {sv.shape[1]} "
+            "(Pennington et al. 2017): all of them near σ = 1 (log10 σ = 0) is dynamical isometry.</p>"
+            + table(["mean σ²", "max σ", "min σ", "max σ² / mean σ²"],
+                    [[fmt(m["jacobian/mean_sq_sv"]), fmt(m["jacobian/max_sv"]), fmt(float(np.min(sv))),
+                      fmt(spread(sv))]])
+            + "<div id='jacobian' class='charts'></div>")
 
 
 def _through_time(time_trace: dict, data: dict) -> str:
