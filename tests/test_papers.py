@@ -57,7 +57,8 @@ def test_deep_linear_epochs_read_from_the_validation_history():
 
 def test_isometry_checks_read_the_spectrum_at_step_0():
     def run(act, init, depth, top, msq, chi=1.0, acc=((0, 0.1), (100, 0.9))):
-        r = _row(f"activation={act},init={init},model.depth={depth}", {"activation": act, "init": init, "model.depth": depth})
+        r = _row(f"activation={act},init={init},model.depth={depth}",
+                 {"activation": act, "init": init, "model.depth": depth, "model.width": 256})
         h = {"jacobian/max_sv": [(0, top)], "jacobian/mean_sq_sv": [(0, msq)], "val/acc": list(acc)}
         r["history"] = lambda key: [(0, chi)] if key.startswith("theory/chi1/layer_") else h.get(key, [])
         return r

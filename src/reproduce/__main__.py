@@ -26,11 +26,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="shorter runs (the step counts the tests use)")
     p.add_argument("--out", default="docs/results", help="folder for <preset>.md")
     p.add_argument("--reread", action="store_true",
-                   help="run nothing: tabulate the preset's latest multirun in the tracking store")
+                   help="run nothing: tabulate the preset's latest multirun in the tracking store that was run "
+                        "with exactly the overrides given")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. data=digits")
     a = p.parse_intermixed_args(argv)  # overrides may follow --quick
     uri = resolve_uri(None)
-    run = latest_study(a.preset, uri, a.quick) if a.reread else run_study(a.preset, a.quick, a.overrides, uri)
+    run = latest_study(a.preset, uri, a.quick, a.overrides) if a.reread else run_study(a.preset, a.quick, a.overrides, uri)
     out = Path(a.out) / f"{a.preset}{'.quick' if a.quick else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = None

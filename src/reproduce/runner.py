@@ -47,16 +47,19 @@ def run_study(preset: str, quick: bool, extra: list[str], uri: str) -> StudyRun:
     return read_study(preset, uri, shown, load=sum(load) / max(1, len(load)))
 
 
-def latest_study(preset: str, uri: str, quick: bool) -> StudyRun:
-    """The preset's latest multirun in the store (--reread): a quick one if `quick`, else a full one."""
+def latest_study(preset: str, uri: str, quick: bool, extra: list[str] = ()) -> StudyRun:
+    """The preset's latest multirun in the store (--reread): a quick one if `quick`, else a full one, run with
+    exactly the `extra` overrides (seed=1 picks the seed-1 study; none picks one run without extras)."""
     quick_args = STUDIES[preset].quick
-    return read_study(preset, uri, None, must_have=quick_args if quick else [], must_lack=[] if quick else quick_args)
+    return read_study(preset, uri, None, must_have=[*(quick_args if quick else []), *extra],
+                      must_lack=[] if quick else quick_args, exactly=[f"experiment={preset}", *quick_args, *extra])
 
 
 def read_study(preset: str, uri: str, shown: list[str] | None, must_have: list[str] = (),
-               must_lack: list[str] = (), load: float | None = None) -> StudyRun:
+               must_lack: list[str] = (), load: float | None = None, exactly: list[str] | None = None) -> StudyRun:
     """The latest multirun of the preset (with all of `must_have` and not all of `must_lack` among its
-    overrides) and its child runs. `load` given: recorded on the parent run; else read from it."""
+    overrides; with `exactly`, no override outside it but the progress bar's) and its child runs. `load`
+    given: recorded on the parent run; else read from it."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(preset)
     parents = client.search_runs([exp.experiment_id], "tags.`gradflow.multirun` = 'true'",
@@ -65,7 +68,11 @@ def read_study(preset: str, uri: str, shown: list[str] | None, must_have: list[s
     def given(p) -> set[str]:
         return set(p.data.tags.get("gradflow.overrides", "").split())
 
-    parent = next(p for p in parents if set(must_have) <= given(p) and not (must_lack and set(must_lack) <= given(p)))
+    def extras(p) -> set[str]:
+        return given(p) - set(exactly or ()) - {"trainer.enable_progress_bar=false"}
+
+    parent = next(p for p in parents if set(must_have) <= given(p) and not (must_lack and set(must_lack) <= given(p))
+                  and (exactly is None or not extras(p)))
     if load is not None:
         client.set_tag(parent.info.run_id, LOAD_TAG, f"{load:.2f}")
     else:
