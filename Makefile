@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 	dashboard readme-images
 SWEEP_WORKERS ?= 2
 SWEEP_STORAGE ?=
-SWEEP_ARGS = hparams_search=grid $(ARGS)
+# a preset's study (ARGS=experiment=<name>) runs its own points; otherwise the activation x init x depth grid
+SWEEP_ARGS = hparams_search=$(if $(findstring experiment=,$(ARGS)),preset,grid) $(ARGS)
 export GRADFLOW_SWEEP_STORAGE := $(or $(SWEEP_STORAGE),$(GRADFLOW_SWEEP_STORAGE))
 
 help: ## list the targets

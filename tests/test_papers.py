@@ -4,6 +4,7 @@ study scaled down and checks its central finding on real runs."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -157,3 +158,40 @@ def test_trainability_inside_and_beyond_the_line(compose_cfg, tracking_uri, one_
     acc = {w: train(compose_cfg(["experiment=trainability", f"init.weight_var={w}", "model.depth=40",
                                  "trainer.max_steps=400", "stats=off", *QUIET]))["val/acc"] for w in (1.0, 1.76)}
     assert acc[1.0] < 0.5 <= acc[1.76], acc
+
+
+def test_make_sweep_runs_a_presets_own_points_when_told_an_experiment():
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    def dry(args: str) -> str:
+        return subprocess.run(["make", "-n", "sweep", f"ARGS={args}"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "-m hparams_search=preset experiment=trainability" in dry("experiment=trainability")
+    assert "-m hparams_search=grid activation=relu" in dry("activation=relu")
+
+
+@pytest.mark.slow
+def test_a_preset_through_our_sweeper_gets_its_phase_diagram(tmp_path):
+    """experiment=trainability on the Optuna engine, 2 workers, 4 points cut to 50 steps: every point once, and the
+    study's report is the phase diagram with the theory's line."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    from src.sweeps.storage import open_storage
+    from tests.conftest import ROOT
+
+    storage = f"journal:{tmp_path}/optuna.journal"
+    args = [sys.executable, "-m", "src.train", "-m", "experiment=trainability", "hparams_search=preset",
+            "hydra.sweeper.workers=2", "init.weight_var=1.0,1.76", "model.depth=10,40", "trainer.max_steps=50",
+            "stats=off", f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path}/s"]
+    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name="trainability", storage=open_storage(storage)).get_trials()
+    assert sorted((t.params["init.weight_var"], t.params["model.depth"]) for t in trials
+                  if t.state.name == "COMPLETE") == [(1.0, 10), (1.0, 40), (1.76, 10), (1.76, 40)]
+    page = (tmp_path / "s" / "report" / "report.html").read_text()
+    assert "<h2>Phase diagram</h2>" in page and "<th>6 ξ_c</th>" in page and page.count("class='beyond'") == 1

@@ -51,7 +51,8 @@ def write(study: optuna.Study, out_dir: Path, metric: str, uri: str = "",
     df = trials_frame(study)
     params = [c for c in df.columns if c not in _NON_PARAMS]
     points = points_frame(df, params) if params else df.assign(attempts=1)
-    shown = points.drop(columns=["mlflow_run_id"], errors="ignore").rename(columns={"objective": metric})
+    unused = [k for k in SPECTRUM if k in points and points[k].isna().all()]  # the Jacobian was not on
+    shown = points.drop(columns=["mlflow_run_id", *unused], errors="ignore").rename(columns={"objective": metric})
     csv = out_dir / "report.csv"
     shown.to_csv(csv, index=False)
     context = next((t.user_attrs["context"] for t in study.get_trials(deepcopy=False) if "context" in t.user_attrs),
@@ -74,7 +75,8 @@ def status_text(study: optuna.Study) -> str:
     head = f"study {study.study_name}: " + ", ".join(f"{k.lower()} {v}" for k, v in c.items() if v)
     if df.empty:
         return head + "\n(no trials yet)"
-    body = df.drop(columns=["mlflow_run_id"]).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    unused = [k for k in SPECTRUM if k in df and df[k].isna().all()]
+    body = df.drop(columns=["mlflow_run_id", *unused]).to_string(index=False, float_format=lambda v: f"{v:.4g}")
     best = ""
     if c[TrialState.COMPLETE.name]:
         best = f"\nbest: trial {study.best_trial.number} {study.best_trial.params} value {study.best_value:.4g}"
