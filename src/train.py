@@ -14,12 +14,13 @@ from src import console
 from src.analysis import jacobian, outputs, theory, verdict
 from src.callbacks import tags_of
 from src.callbacks.guards import CtrlCAtStepEnd
-from src.callbacks.progress import RunProgressBar
+from src.callbacks.progress import LastValidation, RunProgressBar
 from src.callbacks.pruning import TRIAL_ENV
 from src.config import build, validate
 from src.data.datasets import DataFilesMissing
 from src.stats.names import is_module_key
 from src.tracking.env import PARENT_RUN_ENV
+from src.tracking import ranks
 from src.tracking.logger import MlflowAsyncLogger
 from src.tracking.run import TrackedRun
 from src.tracking.store import TrackingUnavailable, resolve_uri
@@ -44,18 +45,27 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     chi1 = prediction.chi1 if prediction else None
     spectrum, no_jacobian = jacobian.at_init(cfg.stats.jacobian, net, data.train_set.tensors[0])  # as initialised
     out_dir, name, uri = build.output_dir(), build.run_name(cfg), resolve_uri(cfg.tracking.uri)
+    validated = LastValidation()
+    trainer = L.Trainer(**build.plain(cfg.trainer), logger=False, callbacks=callbacks + bar + [validated],
+                        default_root_dir=str(out_dir))
+    if ranks.global_rank(trainer) != 0:  # one MLflow run per training, global rank 0's: the others only train
+        trainer.callbacks = ranks.without_files(trainer.callbacks)
+        _fit(trainer, module, data)
+        final = _validate_the_last_steps(trainer, module, data, validated)
+        return {k: float(v) for k, v in final.items() if not is_module_key(k)}
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
                     server_timeout=cfg.tracking.server_timeout) as run:
         logger = MlflowAsyncLogger(run.writer, cfg.tracking.experiment)
+        trainer.loggers = [logger]
+        if ranks.world_size(trainer) > 1:
+            run.writer.set_tags(ranks.scope_tags(trainer))
         jacobian.record(run, spectrum, no_jacobian, out_dir, cfg.tracking.plots, name)  # kept if fit fails
-        trainer = L.Trainer(**build.plain(cfg.trainer), logger=logger, callbacks=callbacks + bar,
-                            default_root_dir=str(out_dir))
         per_epoch = (lambda: trainer.num_training_batches // cfg.trainer.accumulate_grad_batches) \
             if cfg.tracking.epoch_stats else None
         started = time.perf_counter()
         try:
             _fit(trainer, module, data)
-            final = _validate_the_last_steps(trainer, module, data, logger.history)
+            final = _validate_the_last_steps(trainer, module, data, validated)
         finally:  # what was recorded reaches MLflow even when fit failed
             fit_s = time.perf_counter() - started
             run.log_artifact(build.saved_config(cfg, out_dir), "hydra")
@@ -98,13 +108,14 @@ def _trial_callbacks() -> list:
     return trial_callbacks()
 
 
-def _validate_the_last_steps(trainer: L.Trainer, module, data, history: dict) -> dict:
+def _validate_the_last_steps(trainer: L.Trainer, module, data, validated: LastValidation) -> dict:
     """Validate once more when training went on after the last validation (max_steps ended an epoch early, or
     ended the first one), so that val/* describe the net as trained and a sweep's objective always exists.
-    Returns the run's final metrics: the training ones of fit, the latest validation."""
+    Every rank decides alike (validation is collective under DDP). Returns the run's final metrics: the
+    training ones of fit, the latest validation."""
     metrics = dict(trainer.callback_metrics)
-    val = history.get("val/loss") or history.get("val/acc")
-    if trainer.global_step and trainer.limit_val_batches and (not val or val[-1][0] < trainer.global_step - 1):
+    if trainer.global_step and trainer.limit_val_batches and (validated.step is None
+                                                              or validated.step < trainer.global_step):
         if trainer.progress_bar_callback is not None:  # the run's one bar has ended with fit
             trainer.progress_bar_callback.disable()
         trainer.validate(module, datamodule=data, verbose=False)

@@ -3,6 +3,7 @@
 which buries the one line a person watches."""
 from __future__ import annotations
 
+import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n, convert_inf
 
@@ -34,3 +35,15 @@ class RunProgressBar(TQDMProgressBar):
         if history.get("backprop_ratio"):
             shown["backprop_ratio"] = f"{history['backprop_ratio'][-1][1]:.2g}"
         return shown
+
+
+class LastValidation(L.Callback):
+    """The optimizer step of the run's latest validation (None before the first), known to every rank alike,
+    unlike the metrics history only global rank 0 keeps."""
+
+    def __init__(self):
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step

@@ -111,6 +111,7 @@ def problems(cfg) -> list[str]:
          d["batch_size"])
     need(_number(d.get("val_fraction", 0)) and 0 <= d.get("val_fraction", 0) < 1, "data.val_fraction",
          "must be a number in [0, 1)", d.get("val_fraction"))
+    need(isinstance(d.get("shuffle", True), bool), "data.shuffle", "must be true or false", d.get("shuffle"))
     if d["name"] in ("mnist", "fashion_mnist") and not Path(str(d["path"])).exists():
         out.append(f"data.path={d['path']!r}: no such file or folder (download the four {d['name']} IDX files "
                    f"from {SOURCES[d['name']]} into it, or set data.path or $GRADFLOW_DATA_DIR; data=digits "

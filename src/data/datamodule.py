@@ -4,16 +4,19 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler,
+                              TensorDataset)
 
 from src.data.datasets import REGRESSION, in_kind, load_arrays
 
 
 class ArrayDataModule(L.LightningDataModule):
-    """A dataset of src.data.datasets as tensors: shuffled training batches (seeded), whole-set validation."""
+    """A dataset of src.data.datasets as tensors: shuffled training batches (seeded; in order with
+    shuffle=False, so that two runs can be given the same batches), whole-set validation."""
 
-    def __init__(self, name: str, batch_size: int, seed: int = 0, **opts):
+    def __init__(self, name: str, batch_size: int, seed: int = 0, shuffle: bool = True, **opts):
         super().__init__()
+        self.shuffle = bool(shuffle)
         if int(batch_size) <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -36,7 +39,15 @@ class ArrayDataModule(L.LightningDataModule):
     # batches in the same order as DataLoader(shuffle=True, generator=g).
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.seed)
-        return _batched(self.train_set, RandomSampler(self.train_set, generator=g), self.batch_size, g)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # several processes: rank r of W takes samples r, r + W, ... of the (per epoch, seeded) order, so a
+            # step's global batch is W x data.batch_size consecutive samples. Our own DistributedSampler, as
+            # Lightning's would shuffle whatever data.shuffle says.
+            part = DistributedSampler(self.train_set, num_replicas=self.trainer.world_size,
+                                      rank=self.trainer.global_rank, shuffle=self.shuffle, seed=self.seed)
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=part)
+        order = RandomSampler(self.train_set, generator=g) if self.shuffle else SequentialSampler(self.train_set)
+        return _batched(self.train_set, order, self.batch_size, g)
 
     def val_dataloader(self):
         return _batched(self.val_set, SequentialSampler(self.val_set), 1024)
