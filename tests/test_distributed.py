@@ -27,7 +27,7 @@ def test_two_process_ddp_is_one_run_with_the_global_batchs_weight_gradients(tmp_
     """DDP, 2 processes x 32 samples, data.shuffle=false, against one process x 64: one run each; at step 0 the
     weight gradients' statistics agree to 1e-5 relative (DDP all-reduces them before we read them)."""
     uri = f"sqlite:///{tmp_path}/m.db"
-    for name, extra in (("ddp", ["trainer.devices=2", "++trainer.strategy=ddp", "data.batch_size=32"]),
+    for name, extra in (("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32"]),
                         ("single", ["trainer.devices=1", "data.batch_size=64"])):
         done = subprocess.run(
             [sys.executable, "-m", "src.train", "trainer.accelerator=cpu", *extra, "data.shuffle=false",
@@ -46,3 +46,17 @@ def test_two_process_ddp_is_one_run_with_the_global_batchs_weight_gradients(tmp_
         assert a.step == b.step == 0 and a.value == pytest.approx(b.value, rel=1e-5), key
     assert not list((tmp_path / "ddp").glob("**/mlruns"))
     assert sorted(p.name for p in (tmp_path / "ddp").glob("*.parquet")) == ["histograms.parquet", "trace.parquet"]
+
+
+def test_a_sharded_strategy_is_refused_while_statistics_are_on():
+    """FSDP needs a GPU to be built at all, so the rule is checked on the strategy's class name."""
+    from types import SimpleNamespace
+
+    from src.callbacks.gradient_stats import GradientStatsCallback
+    from src.tracking.ranks import refuse_sharded
+
+    FSDPStrategy = type("FSDPStrategy", (), {})
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    assert "do not support sharded weights (FSDPStrategy)" in refuse_sharded(trainer, [GradientStatsCallback()])
+    assert refuse_sharded(trainer, []) is None  # stats=off: nothing to get wrong
+    assert refuse_sharded(SimpleNamespace(strategy=type("DDPStrategy", (), {})()), [GradientStatsCallback()]) is None

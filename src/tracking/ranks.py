@@ -32,3 +32,16 @@ def scope_tags(trainer: L.Trainer) -> dict[str, str]:
     return {"devices": str(n), "strategy": type(trainer.strategy).__name__,
             "stats_scope": f"grad_* and update_ratio: the gradient all-reduced over the {n} processes (the global "
                            f"batch); act_*, backprop_*: global rank 0's shard, 1/{n} of each batch"}
+
+
+SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def refuse_sharded(trainer: L.Trainer, callbacks: list) -> str | None:
+    """Why this training cannot be recorded (None when it can): under a sharded strategy each process holds a
+    shard of every weight, and the weight statistics would describe the shard, not the tensor."""
+    name = type(trainer.strategy).__name__
+    if name in SHARDED and any(hasattr(c, "artifacts") for c in callbacks):
+        return (f"trainer.strategy: the statistics do not support sharded weights ({name}) yet; use "
+                "trainer.strategy=ddp, or stats=off to train without them")
+    return None
