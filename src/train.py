@@ -1,6 +1,7 @@
 """Entry point: `python -m src.train [overrides]`, or `-m` for a multirun; `train(cfg)` is importable."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     if refused:  # before any MLflow run exists
         raise validate.ConfigError(refused)
     if ranks.global_rank(trainer) != 0:  # one MLflow run per training, global rank 0's: the others only train
-        trainer.callbacks = ranks.without_files(trainer.callbacks)
+        trainer.callbacks = ranks.for_other_ranks(trainer.callbacks)
         _fit(trainer, module, data)
         final = _validate_the_last_steps(trainer, module, data, validated)
         return {k: float(v) for k, v in final.items() if not is_module_key(k)}
@@ -128,7 +129,8 @@ def _validate_the_last_steps(trainer: L.Trainer, module, data, validated: LastVa
 
 def _fit(trainer: L.Trainer, module, data) -> None:
     try:
-        trainer.fit(module, datamodule=data)
+        with ranks.this_job_alone() if ranks.world_size(trainer) > 1 else contextlib.nullcontext():
+            trainer.fit(module, datamodule=data)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its own graceful shutdown
             raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED

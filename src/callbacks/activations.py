@@ -6,6 +6,7 @@ which module.
   capacity      steps it can hold
   capture(k, taps)  at the end of a recorded step, into slot k
   flush(n)      [n, len(layers), 3] float32 for the steps in slots 0..n-1
+  counts(n)     [n, len(layers)] float64: the activation entries each of those statistics covers
 - KernelActivations: every activation is a module the compiled kernel knows (identity, ReLU, sigmoid, tanh)
   and its outputs are float32 on the CPU: one kernel call reduces the outputs at each step's end.
 - BufferedActivations: otherwise the pre-activations are copied into ring buffers, grouped by activation,
@@ -55,6 +56,9 @@ class KernelActivations:
 
     def flush(self, n: int) -> Tensor:
         return stats.activation_stats_from_sums(self._sums[:n])
+
+    def counts(self, n: int) -> Tensor:
+        return self._sums[:n, :, stats.FUSED_ACT_SUMS.index("count")]
 
 
 class _Group:
@@ -120,6 +124,11 @@ class BufferedActivations:
             with torch.no_grad():
                 torch._foreach_copy_(dsts, srcs)
         self._rows[k] = batch
+
+    def counts(self, n: int) -> Tensor:
+        rows = torch.tensor(self._rows[:n], dtype=torch.float64)
+        widths = torch.tensor([grp.buf.shape[3] for grp in self.groups for _ in grp.layers], dtype=torch.float64)
+        return rows[:, None] * widths
 
     def flush(self, n: int) -> Tensor:
         rows = torch.tensor(self._rows[:n], device=self.device)

@@ -8,6 +8,11 @@ a step shows comes from the taps (taps.py); how it is kept and reduced, from str
 model as trained (recorders.py for the weights and the signal, activations.py for the activations); what
 recurrent modules show through time, from through_time.py. Weight gradients are read at
 `on_before_optimizer_step`: accumulated over micro-batches, unscaled under mixed precision, before clipping.
+
+Under several processes (DDP) the callback runs on every rank: the weight gradients are all-reduced already,
+the activations and the signal are the rank's shard's, so at each flush every rank gathers its shard's
+columns (one collective for all buffered steps and modules) and src.stats.across_ranks makes them the global
+batch's. Only global rank 0 writes the trace and has loggers.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from src.callbacks.activations import activation_recorder
 from src.callbacks.recorders import SignalNorms, gradients, param_recorder
 from src.callbacks.taps import ModuleTaps
 from src.callbacks.through_time import ThroughTime
+from src.stats import across_ranks
 from src.stats.modules import LAYER_KINDS, recorded_modules
 from src.stats.names import ACT_STATS, GRAD_STATS, LAYER_STATS, module_metrics
 from src.stats.trace import TraceWriter
@@ -33,6 +39,8 @@ def _positive(name: str, v) -> None:
 
 
 class GradientStatsCallback(L.Callback):
+    across_ranks = True  # takes part in a collective at every flush: every rank of a training must run it
+
     def __init__(
         self,
         every_n_steps: int = 1,
@@ -73,6 +81,9 @@ class GradientStatsCallback(L.Callback):
         self._inv_scale: list[float] = []    # per slot: 1 / the loss scale of mixed precision
         self._step: int | None = None        # the optimizer step being recorded
         self._stepped = False                # the optimizer has stepped for it (not mid-accumulation)
+        self._gather = None                  # several processes: the strategy's all_gather
+        self._world = 1
+        self._shards_lost = False            # a failure broke the collective: the shards cannot be combined
 
     def select(self, model) -> list:
         """The modules this callback records in `model` (src.stats.modules.NothingToRecord if none)."""
@@ -94,11 +105,16 @@ class GradientStatsCallback(L.Callback):
         self.capacity = self.params.capacity
         self.device = groups[0][0].device
         self.signals = SignalNorms(self.capacity, len(groups), self.device, self.params.lib)
+        self._gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
+        self._world, self._shards_lost = trainer.world_size, False
+        self._loggers = trainer.loggers
+        if not trainer.is_global_zero:  # it reduces its shard with the others; rank 0 writes what they make
+            self.through_time = ThroughTime([])  # the signal through time is rank 0's shard's alone
+            return
         self.trace_path = self.trace_path or Path(trainer.default_root_dir) / "trace.parquet"
         self.trace = TraceWriter(self.trace_path, LAYER_STATS, self.modules, [r.kind for r in self.recorded],
                                  self.trace_chunk_steps)
         self.through_time.open(self.trace_path.with_name("time_trace.parquet"), self.trace_chunk_steps)
-        self._loggers = trainer.loggers
 
     # ---- one recorded step: signal after each backward, gradients before the step, the rest after it --------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -139,6 +155,8 @@ class GradientStatsCallback(L.Callback):
                                                    self.device)
             if self.activations is not None:
                 self.capacity = min(self.capacity, self.activations.capacity)
+            if self._gather is not None:  # every rank flushes at the same steps (a shard's batch may differ)
+                self.capacity = int(self._gather(torch.tensor([self.capacity], device=self.device)).min())
         if self.activations is not None:
             self.activations.capture(k, self.taps)
         self._steps.append(self._step)
@@ -158,14 +176,22 @@ class GradientStatsCallback(L.Callback):
             return
         params = self.params.flush(n)
         act = torch.full((n, len(self.recorded), len(ACT_STATS)), float("nan"), device=params.device)
+        count = torch.zeros(n, len(self.recorded), dtype=torch.float64, device=params.device)
         if self.activations is not None:
             act[:, self.activations.layers] = self.activations.flush(n).to(act.device)
-        signal = self.signals.flush(n, self._inv_scale).to(params.device)
+            count[:, self.activations.layers] = self.activations.counts(n).to(act.device)
+        squares = self.signals.squares(n).to(params.device)
+        if self._gather is not None and not self._shards_lost:
+            squares, act = across_ranks.combine(self._gather(across_ranks.shard_columns(squares, act, count)))
+        elif self._world > 1:  # after a failure: not the global batch's, and its shards are out of reach
+            squares, act = torch.full_like(squares, float("nan")), torch.full_like(act, float("nan"))
+        signal = SignalNorms.norms(squares, self._inv_scale)
         values = torch.cat([params[..., :GRAD_COLUMNS], signal[..., None], act, params[..., GRAD_COLUMNS:]],
                            dim=2).cpu().numpy()  # one host sync for n steps
         steps, self._steps, self._inv_scale = self._steps, [], []
         for step, v in zip(steps, values):
-            self.trace.append(step, v)
+            if self.trace is not None:
+                self.trace.append(step, v)
             if step % self.log_every_n_steps == 0:
                 self._log(module_metrics(v, self.modules, self.act_rows, self.layers), step)
 
@@ -182,6 +208,7 @@ class GradientStatsCallback(L.Callback):
         self.flush()
 
     def on_exception(self, trainer, pl_module, exception):
+        self._shards_lost = True  # the other ranks may be gone: no collective from here
         self._finish()  # what was recorded before the failure still reaches the trace; the hooks go
 
     def teardown(self, trainer, pl_module, stage):

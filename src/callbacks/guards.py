@@ -27,9 +27,13 @@ class StopOnNonFiniteLoss(L.Callback):
         if loss is None or self.stop_reason is not None:
             return
         value = float(loss.detach())
-        if not math.isfinite(value):
+        broken = not math.isfinite(value)
+        if trainer.world_size > 1:  # each rank has its own loss; all must stop at the same step, or the others
+            broken = trainer.strategy.reduce_boolean_decision(broken, all=False)  # wait in the next all-reduce
+        if broken:
             step = max(trainer.global_step - 1, 0)  # global_step already counts this batch's update
-            self.stop_reason = f"non-finite train/loss ({value}) at step {step}"
+            where = f"({value})" if not math.isfinite(value) else "(on another process)"
+            self.stop_reason = f"non-finite train/loss {where} at step {step}"
             trainer.should_stop = True
             _say(f"stopping: {self.stop_reason} (callbacks.nonfinite_guard=null trains on)")
 

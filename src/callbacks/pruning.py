@@ -20,9 +20,19 @@ class OptunaPruning(L.Callback):
         self.trial, self.metric = trial, metric
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        value = trainer.callback_metrics.get(self.metric)
-        if trainer.sanity_checking or value is None or trainer.state.fn != "fit":
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        prune = self._prune(trainer) if trainer.is_global_zero else False
+        if trainer.world_size > 1:  # rank 0 asks the study; every rank must stop at the same step
+            prune = trainer.strategy.broadcast(prune, src=0)
+        if prune:
+            trainer.should_stop = True  # a clean stop: the MLflow run ends FINISHED; the worker tags it
+
+    def _prune(self, trainer) -> bool:
+        """Report the objective; True when the study's pruner stops this trial (recorded in its attributes)."""
+        value = trainer.callback_metrics.get(self.metric)
+        if value is None:
+            return False
         pruner = self.trial.study.pruner
         signal = _signal(trainer) if hasattr(pruner, "reason") else {}  # a pruner that reads our statistics
         for key, v in signal.items():
@@ -32,7 +42,8 @@ class OptunaPruning(L.Callback):
             self.trial.set_user_attr(PRUNED_AT, trainer.current_epoch)
             why = pruner.reason(signal) if signal else None
             self.trial.set_user_attr(PRUNED_REASON, why or f"{type(pruner).__name__} at epoch {trainer.current_epoch}")
-            trainer.should_stop = True  # a clean stop: the MLflow run ends FINISHED; the worker tags it
+            return True
+        return False
 
 
 def _signal(trainer) -> dict:

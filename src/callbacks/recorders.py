@@ -201,7 +201,13 @@ class SignalNorms:
             norms = torch.stack(torch._foreach_norm(flat))
             row.addcmul_(norms, norms)  # into float64
 
-    def flush(self, n: int, inv_scale: list[float]) -> Tensor:
-        """[n, layers] float32 norms; the tensor hooks saw the loss-scaled signal, `inv_scale` undoes it."""
-        scale = torch.tensor(inv_scale[:n], dtype=torch.float64, device=self._sq.device)
-        return (self._sq[:n].sqrt() * scale[:, None]).float()
+    def squares(self, n: int) -> Tensor:
+        """[n, layers] float64: ||dL/ds||^2 of the steps in slots 0..n-1, as the hooks saw it (loss-scaled)."""
+        return self._sq[:n]
+
+    @staticmethod
+    def norms(squares: Tensor, inv_scale: list[float]) -> Tensor:
+        """[n, layers] float32 norms from `squares`; the tensor hooks saw the loss-scaled signal, `inv_scale`
+        undoes it."""
+        scale = torch.tensor(inv_scale[:len(squares)], dtype=torch.float64, device=squares.device)
+        return (squares.sqrt() * scale[:, None]).float()

@@ -1,10 +1,14 @@
 """Which process of a multi-device training owns its MLflow run: global rank 0. The others train (their part of
-each batch, their share of DDP's all-reduce) and track nothing: no run, no file, no verdict.
+each batch, their share of DDP's all-reduce), take part in the statistics' reduction across ranks, and track
+nothing: no run, no file, no verdict.
 
 The rank is the Trainer's, asked before fit: Lightning resolves the launcher (its own spawned processes,
 torchrun, SLURM) when the Trainer is built, and a distributed strategy's ranks can be set from the environment
 then (Lightning sets them again, the same, when fit starts)."""
 from __future__ import annotations
+
+import contextlib
+import sys
 
 import lightning as L
 
@@ -20,18 +24,24 @@ def world_size(trainer: L.Trainer) -> int:
     return int(trainer.world_size)
 
 
-def without_files(callbacks: list) -> list:
-    """The callbacks a rank other than 0 keeps: those that write no file of the run (the statistics callbacks
-    declare theirs with `artifacts()`)."""
-    return [c for c in callbacks if not hasattr(c, "artifacts")]
+def records_statistics(callback) -> bool:
+    """A statistics callback: it declares the files it writes with `artifacts()` (src.callbacks)."""
+    return hasattr(callback, "artifacts")
+
+
+def for_other_ranks(callbacks: list) -> list:
+    """The callbacks a rank other than 0 keeps: those that write nothing of the run, and those that must run on
+    every rank because they reduce across ranks (`across_ranks`; they write on rank 0 only)."""
+    return [c for c in callbacks if getattr(c, "across_ranks", False) or not records_statistics(c)]
 
 
 def scope_tags(trainer: L.Trainer) -> dict[str, str]:
     """What the run's statistics describe when several processes train it (the run's tags)."""
     n = world_size(trainer)
     return {"devices": str(n), "strategy": type(trainer.strategy).__name__,
-            "stats_scope": f"grad_* and update_ratio: the gradient all-reduced over the {n} processes (the global "
-                           f"batch); act_*, backprop_*: global rank 0's shard, 1/{n} of each batch"}
+            "stats_scope": f"the global batch of the {n} processes: grad_* and update_ratio from the all-reduced "
+                           f"gradient, act_* and backprop_* reduced across the processes; histograms and the "
+                           f"signal through time: global rank 0's shard, 1/{n} of each batch"}
 
 
 SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -41,7 +51,32 @@ def refuse_sharded(trainer: L.Trainer, callbacks: list) -> str | None:
     """Why this training cannot be recorded (None when it can): under a sharded strategy each process holds a
     shard of every weight, and the weight statistics would describe the shard, not the tensor."""
     name = type(trainer.strategy).__name__
-    if name in SHARDED and any(hasattr(c, "artifacts") for c in callbacks):
+    if name in SHARDED and any(records_statistics(c) for c in callbacks):
         return (f"trainer.strategy: the statistics do not support sharded weights ({name}) yet; use "
                 "trainer.strategy=ddp, or stats=off to train without them")
     return None
+
+
+@contextlib.contextmanager
+def this_job_alone():
+    """While fit starts the other ranks: Lightning starts them on this machine by running this command again
+    (sys.argv, and for a Hydra job `hydra.run.dir`). In a multirun, a sweep's trial included, that command is the
+    whole multirun; here it is this job's overrides alone, run in this job's folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hc, argv = HydraConfig.get(), list(sys.argv)
+    with read_write(hc), open_dict(hc):
+        run_dir = OmegaConf.to_container(hc.run)["dir"]  # as configured, ${now:...} unresolved
+        hc.run.dir = hc.runtime.output_dir
+    sys.argv[1:] = list(hc.overrides.task)
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
+        with read_write(hc), open_dict(hc):
+            hc.run.dir = run_dir
