@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.func import jacrev, vmap
 
 from src.models.mlp import MLP
-from src.stats.names import mlp_layer
+from src.stats.names import jacobian_spread, mlp_layer
 
 N_INPUTS = 32  # inputs the spectrum is pooled over: 32 x width singular values
 BINS = 40      # histogram bins, evenly spaced in log10 sigma between the smallest and the largest
@@ -79,9 +79,8 @@ def metrics(sv: np.ndarray) -> dict[str, float]:
 
 
 def spread(sv: np.ndarray) -> float:
-    """max sigma^2 / mean sigma^2: 1 at an exact isometry (NaN when every sigma is 0)."""
-    msq = float(np.mean(sv ** 2))
-    return float(np.max(sv)) ** 2 / msq if msq > 0 else float("nan")
+    """max sigma^2 / mean sigma^2 of these singular values: 1 at an exact isometry (NaN when every sigma is 0)."""
+    return jacobian_spread(np.max(sv), np.mean(sv ** 2))
 
 
 def histogram(sv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

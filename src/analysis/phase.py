@@ -32,6 +32,8 @@ def _nodes() -> tuple[np.ndarray, np.ndarray]:
     return z, w / math.sqrt(2 * math.pi)  # weights of N(0, 1)
 
 
+# The 1-D means use the 2-D quadrature's nodes, not theory.gaussian_mean's finer ones: with one set of nodes
+# c = 1 is exactly a fixed point of the discretised correlation map, which c_fixed_point's bracket relies on.
 def _mean(fn, x: np.ndarray, w: np.ndarray) -> float:
     return float(np.dot(w.ravel(), fn(torch.from_numpy(x.ravel())).double().numpy()))
 

@@ -8,6 +8,7 @@ import math
 import pandas as pd
 
 from src.report.page import chart, esc, fmt
+from src.stats.names import jacobian_spread
 
 WEIGHT_VAR, DEPTH = "init.weight_var", "model.depth"
 CONTEXT = ("activation.name", "init.bias_std")  # the fixed config the theory line needs, from a run's params
@@ -70,7 +71,7 @@ def spectrum(points: pd.DataFrame, params: list[str], data: dict) -> str:
     for key, group in (points.groupby(others) if others else [((), points)]):
         label = ", ".join(f"{k}={v}" for k, v in zip(others, key if isinstance(key, tuple) else (key,))) or "all"
         by = group.set_index(DEPTH)
-        spread.append((label, [float(by[top].get(d, math.nan)) ** 2 / float(by[msq].get(d, math.nan)) for d in depths]))
+        spread.append((label, [jacobian_spread(by[top].get(d, math.nan), by[msq].get(d, math.nan)) for d in depths]))
         mean.append((label, [float(by[msq].get(d, math.nan)) for d in depths]))
     labels = tuple(label for label, _ in spread)
     data.setdefault("charts", []).extend([

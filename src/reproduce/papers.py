@@ -10,6 +10,7 @@ from functools import lru_cache
 from src.analysis import phase
 from src.reproduce.columns import Row, by, first, fmt, last, swept
 from src.reproduce.study import VERDICT, Study
+from src.stats.names import jacobian_spread
 
 def _figure(name: str):
     """The study's figure, drawn by src.reproduce.figures (matplotlib, imported only when a figure is drawn)."""
@@ -74,7 +75,7 @@ def _trainability_ours(rows: list[Row]) -> str:
 def spread(r: Row) -> float | None:
     """max σ² / mean σ² of the Jacobian's singular values: 1 for an isometry, large for a spread spectrum."""
     top, msq = first("jacobian/max_sv")(r), first("jacobian/mean_sq_sv")(r)
-    return top * top / msq if top is not None and msq else None
+    return jacobian_spread(top, msq) if top is not None and msq else None
 
 
 def chi1_power(r: Row) -> float | None:

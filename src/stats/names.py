@@ -54,6 +54,13 @@ def backprop_ratio(backprop_norms: np.ndarray, layers: list[int]) -> float:
         return float(bp[layers[0]] / bp[layers[-2]])
 
 
+def jacobian_spread(max_sv: float, mean_sq_sv: float) -> float:
+    """max sigma^2 / mean sigma^2 of the input-output Jacobian's singular values (the metrics jacobian/max_sv and
+    jacobian/mean_sq_sv): 1 at an exact isometry, large for a spread spectrum; NaN without a positive mean."""
+    max_sv, mean_sq_sv = float(max_sv), float(mean_sq_sv)
+    return max_sv * max_sv / mean_sq_sv if mean_sq_sv > 0 else math.nan
+
+
 def module_metrics(values: np.ndarray, modules: list[str], act_rows: set[int], layers: list[int]) -> dict[str, float]:
     """The browsable metrics of one step from its [modules, LAYER_STATS] table, plus backprop_ratio; modules
     without an activation after them (the output layer, a norm) get no act_* keys."""
