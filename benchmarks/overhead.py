@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py [--steps 300] [--repeats 5] [--device cpu] [--threads N] [--no-slow-server]
                                   [--torch-path] [--mlflow-every N] [--models small,mid,wide] [--docs]
+    python benchmarks/overhead.py --ddp 2 [--models small,mid,wide] [--steps 300] [--repeats 5] [--docs]
 
 For each model it trains the same net (batch 32) under each condition, interleaved, `repeats` times, the
 order reversed on every other repeat (off, stats, ... then ..., stats, off) so that a machine slowing down
@@ -30,11 +31,17 @@ The last lines are machine-readable: overhead_ratio_small (10x64), overhead_rati
 (5x1024), overhead_ratio_<cnn|lstm|transformer> (and each one's `_cpu` and `_total` variants),
 slow_server_ratio and vs_lightning_ratio (lightning / stats, 10x64). `--docs` also writes the table and those
 lines into docs/performance.md (the MLPs' block, or one block for the other models).
+
+`--ddp N`: the same nets trained by N processes under Lightning's DDP on the CPU (gloo), batch 32 per process,
+`off` against `stats` (the callback on every rank, its shards combined with one all_gather per flush). Each run
+is a fresh command (Lightning starts the other ranks by running it again), interleaved as above; the time per
+step is global rank 0's. Lines: overhead_ratio_ddp<N>_<model> (paired medians, stats / off).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from dataclasses import dataclass
 from typing import Callable
 import os
@@ -146,9 +153,11 @@ def model_list(text: str) -> list[str]:
     return models
 
 
-def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, device: str, workdir: Path
-             ) -> tuple[float, float, float]:
-    """(wall, cpu) seconds per timed step, and the seconds the run's end waited for the MLflow backlog."""
+def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, device: str, workdir: Path,
+             devices: int = 1) -> tuple[float, float, float]:
+    """(wall, cpu) seconds per timed step, and the seconds the run's end waited for the MLflow backlog.
+    `devices` > 1: DDP, the MLflow run global rank 0's (the other ranks, started by Lightning with LOCAL_RANK
+    set, log nothing)."""
     bench = MODELS[model]
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(*bench.data()), batch_size=32, shuffle=True)
@@ -158,7 +167,12 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
     timer = StepTimer()
     callbacks: list = [timer]
     run = None
-    if condition == "lightning":
+    tracked = os.environ.get("LOCAL_RANK", "0") == "0"
+    if not tracked:
+        logger, log_every = False, 10
+        if condition == "stats":
+            callbacks.append(GradientStatsCallback(every_n_steps=1, log_every_n_steps=MLFLOW_EVERY))
+    elif condition == "lightning":
         logger = MLFlowLogger(experiment_name="bench-lightning", tracking_uri=uri)
         log_every = 1
     else:
@@ -174,7 +188,8 @@ def run_once(model: str, condition: str, steps: int, warmup: int, uri: str, devi
                                                    trace_path=workdir / f"{run}.parquet"))
     trainer = L.Trainer(max_steps=steps + warmup, logger=logger, callbacks=callbacks, log_every_n_steps=log_every,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, accelerator=device, devices=1)
+                        limit_val_batches=0, num_sanity_val_steps=0, accelerator=device, devices=devices,
+                        **({"strategy": "ddp"} if devices > 1 else {}))
     library = fused.library
     if condition == "stats_torch":
         fused.library = lambda: None  # the callback then takes its torch path
@@ -248,6 +263,51 @@ def ingest(uri: str, n_requests: int = 20) -> tuple[float, float]:
     return backend, writer.sent / (time.perf_counter() - t0)
 
 
+def ddp_worker(spec: str, processes: int, steps: int, warmup: int) -> None:
+    """One DDP run (`--ddp-run MODEL:CONDITION:OUT`); global rank 0 writes its times to OUT as JSON."""
+    model, condition, out = spec.split(":", 2)
+    workdir = Path(out).parent
+    times = run_once(model, condition, steps, warmup, f"sqlite:///{workdir / 'mlflow.db'}", "cpu", workdir, processes)
+    if os.environ.get("LOCAL_RANK", "0") == "0" and int(os.environ.get("NODE_RANK", "0")) == 0:
+        Path(out).write_text(json.dumps({"wall": times[0], "cpu": times[1], "drain": times[2],
+                                         "threads": torch.get_num_threads()}))
+
+
+def ddp_main(args) -> None:
+    """`--ddp N`: off vs stats under DDP, each run its own command, interleaved, paired per repeat."""
+    workdir = Path(tempfile.mkdtemp(prefix="gradflow-bench-ddp-"))
+    conds, times = ["off", "stats"], {}
+    print(f"torch {torch.__version__}, DDP on {args.ddp} CPU processes (gloo), batch 32 per process, {args.steps} "
+          f"timed steps after {args.warmup} warm-up, {args.repeats} repeats", flush=True)
+    for r in range(args.repeats):
+        for m in args.models:
+            for c in conds if r % 2 == 0 else reversed(conds):
+                out = workdir / f"{m}-{c}-{r}.json"
+                done = subprocess.run([sys.executable, __file__, "--ddp", str(args.ddp), "--ddp-run", f"{m}:{c}:{out}",
+                                       "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                      capture_output=True, text=True)
+                if done.returncode or not out.exists():
+                    sys.exit(f"the DDP run {m}/{c} failed:\n{done.stderr[-3000:]}")
+                times.setdefault((m, c), []).append(json.loads(out.read_text()))
+        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    threads = times[(args.models[0], "off")][0]["threads"]
+    table = ["| model | condition | ms/step (rank 0) | paired vs off | paired range |", "|---|---|---|---|---|"]
+    summary = []
+    for m in args.models:
+        paired = [s["wall"] / o["wall"] for s, o in zip(times[(m, "stats")], times[(m, "off")])]
+        for c in conds:
+            ms = statistics.median(t["wall"] for t in times[(m, c)]) * 1e3
+            pair = (f"{statistics.median(paired):.2f}x | {min(paired):.2f}-{max(paired):.2f}" if c == "stats"
+                    else "1.00x | ")
+            table.append(f"| {MODELS[m].label} | {c} | {ms:.2f} | {pair} |")
+        summary.append(f"overhead_ratio_ddp{args.ddp}_{m}={statistics.median(paired):.3f}")
+    print(f"\n{threads} torch thread(s) per process\n" + "\n".join(table) + "\n")
+    print("\n".join(summary))
+    if args.docs:
+        perf_page.write("overhead-ddp", [f"{args.ddp} processes, {threads} torch thread(s) each.", "", *table, "",
+                                         "```", *summary, "```"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -262,7 +322,16 @@ def main() -> None:
     ap.add_argument("--mlflow-every", type=int, default=0,
                     help="also time the statistics with an MLflow snapshot every N steps")
     ap.add_argument("--docs", action="store_true", help="also write the table into docs/performance.md")
+    ap.add_argument("--ddp", type=int, default=0, help="N > 1: off vs stats under DDP on N CPU processes")
+    ap.add_argument("--ddp-run", help=argparse.SUPPRESS)  # one DDP run: MODEL:CONDITION:OUT (used by --ddp)
     args = ap.parse_args()
+    if args.ddp_run:
+        warnings.filterwarnings("ignore")
+        return ddp_worker(args.ddp_run, args.ddp, args.steps, args.warmup)
+    if args.ddp:
+        if args.ddp < 2:
+            ap.error("--ddp takes the number of processes, 2 or more")
+        return ddp_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

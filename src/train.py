@@ -1,7 +1,6 @@
 """Entry point: `python -m src.train [overrides]`, or `-m` for a multirun; `train(cfg)` is importable."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -54,8 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
         raise validate.ConfigError(refused)
     if ranks.global_rank(trainer) != 0:  # one MLflow run per training, global rank 0's: the others only train
         trainer.callbacks = ranks.for_other_ranks(trainer.callbacks)
-        _fit(trainer, module, data)
-        final = _validate_the_last_steps(trainer, module, data, validated)
+        final = _fit_and_validate(trainer, module, data, validated)
         return {k: float(v) for k, v in final.items() if not is_module_key(k)}
     with TrackedRun(uri, cfg.tracking.experiment, name, params=build.run_params(cfg), spool_dir=out_dir,
                     server_timeout=cfg.tracking.server_timeout) as run:
@@ -68,8 +66,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
             if cfg.tracking.epoch_stats else None
         started = time.perf_counter()
         try:
-            _fit(trainer, module, data)
-            final = _validate_the_last_steps(trainer, module, data, validated)
+            final = _fit_and_validate(trainer, module, data, validated)
         finally:  # what was recorded reaches MLflow even when fit failed
             fit_s = time.perf_counter() - started
             run.log_artifact(build.saved_config(cfg, out_dir), "hydra")
@@ -112,6 +109,12 @@ def _trial_callbacks() -> list:
     return trial_callbacks()
 
 
+def _fit_and_validate(trainer: L.Trainer, module, data, validated: LastValidation) -> dict:
+    with ranks.this_job_alone(trainer):  # several processes: one job's training, its ranks gone at the end
+        _fit(trainer, module, data)
+        return _validate_the_last_steps(trainer, module, data, validated)
+
+
 def _validate_the_last_steps(trainer: L.Trainer, module, data, validated: LastValidation) -> dict:
     """Validate once more when training went on after the last validation (max_steps ended an epoch early, or
     ended the first one), so that val/* describe the net as trained and a sweep's objective always exists.
@@ -129,8 +132,7 @@ def _validate_the_last_steps(trainer: L.Trainer, module, data, validated: LastVa
 
 def _fit(trainer: L.Trainer, module, data) -> None:
     try:
-        with ranks.this_job_alone() if ranks.world_size(trainer) > 1 else contextlib.nullcontext():
-            trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its own graceful shutdown
             raise KeyboardInterrupt from None  # so the run is marked KILLED, not FAILED

@@ -15,6 +15,7 @@ from src.data.datamodule import ArrayDataModule
 from src.models.registry import ACTIVATIONS
 from src.stats import across_ranks
 from src.stats import reductions as stats
+from src.stats.names import LAYER_STATS, is_module_key
 from tests.conftest import ROOT
 
 
@@ -74,32 +75,83 @@ def test_shard_signals_combine_into_the_whole_batchs_signal():
     assert parts[0].item() != pytest.approx(whole.item(), rel=0.1)  # one shard alone is not it
 
 
+COMMON = ["trainer.accelerator=cpu", "data.shuffle=false", "trainer.max_steps=3", "model.depth=3", "init=xavier",
+          "trainer.enable_progress_bar=false"]
+# activations on both paths of the callback: sigmoid (the compiled kernel), gelu (buffered, recomputed at flush)
+ACTS = ("sigmoid", "gelu")
+
+
+def _train(uri, *args, multirun=False):
+    done = subprocess.run([sys.executable, "-m", "src.train", *["-m"] * multirun, *COMMON, *args], cwd=ROOT, timeout=900,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def three_ways(tmp_path_factory):
+    """The same two trainings (sigmoid, gelu) three ways, each a multirun in its own experiment: one process x 64
+    samples, DDP on 2 processes x 32 (the jobs one after another in one process, each starting its own second
+    rank), and a sweep whose trials each run DDP on 2 processes."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    uri = f"sqlite:///{tmp}/m.db"
+    _train(uri, f"activation={','.join(ACTS)}", "trainer.devices=1", "data.batch_size=64",
+           "tracking.experiment=single", f"hydra.sweep.dir={tmp}/single", multirun=True)
+    _train(uri, f"activation={','.join(ACTS)}", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32",
+           "tracking.experiment=ddp", f"hydra.sweep.dir={tmp}/ddp", multirun=True)
+    _train(uri, "hparams_search=grid", f"activation={','.join(ACTS)}", "model.depth=3", "trainer.devices=2",
+           "trainer.strategy=ddp", "data.batch_size=32", "tracking.experiment=sweep",
+           f"hydra.sweeper.storage=journal:{tmp}/optuna.journal", f"hydra.sweep.dir={tmp}/sweep", multirun=True)
+    return tmp, MlflowClient(uri)
+
+
+def _runs(client, experiment: str) -> dict:
+    """The experiment's training runs (not a multirun's or a study's parent) by activation."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    trained = [r for r in runs if "activation" in r.data.params]
+    assert len(runs) - len(trained) <= 1  # the parent, if any: no run per process
+    return {r.data.params["activation"]: r for r in trained}
+
+
+def _same_step0(client, run, reference) -> None:
+    """Every per-module key and backprop_ratio at step 0 equal to 1e-5 relative (1e-8 absolute for a mean near 0)."""
+    keys = [k for k in reference.data.metrics if is_module_key(k) and k.split("/")[0] in LAYER_STATS]
+    assert {k for k in run.data.metrics if is_module_key(k)} >= set(keys) and len(keys) >= 3 * len(LAYER_STATS) - 3
+    for key in keys + ["backprop_ratio"]:
+        a, b = (client.get_metric_history(r.info.run_id, key)[0] for r in (run, reference))
+        assert a.step == b.step == 0 and a.value == pytest.approx(b.value, rel=1e-5, abs=1e-8), key
+
+
 @pytest.mark.slow
-def test_two_process_ddp_is_one_run_with_the_global_batchs_statistics(tmp_path):
-    """DDP, 2 processes x 32 samples, data.shuffle=false, against one process x 64: one run each; at step 0 every
-    family agrees to 1e-5 relative (weight gradients all-reduced by DDP, activations and signal by us)."""
-    uri = f"sqlite:///{tmp_path}/m.db"
-    for name, extra in (("ddp", ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32"]),
-                        ("single", ["trainer.devices=1", "data.batch_size=64"])):
-        done = subprocess.run(
-            [sys.executable, "-m", "src.train", "trainer.accelerator=cpu", *extra, "data.shuffle=false",
-             "trainer.max_steps=3", "model.depth=3", "trainer.enable_progress_bar=false", f"tracking.run_name={name}",
-             f"hydra.run.dir={tmp_path}/{name}"],
-            cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    client = MlflowClient(uri)
-    runs = {r.info.run_name: r for r in client.search_runs(["1"])}
-    assert sorted(runs) == ["ddp", "single"]  # not one run per process
-    ddp = runs["ddp"]
-    assert ddp.info.status == "FINISHED" and ddp.data.tags["verdict"] and ddp.data.tags["devices"] == "2"
-    assert "act_* and backprop_* reduced across the processes" in ddp.data.tags["stats_scope"]
-    for key in ("grad_norm/layer_00", "grad_std/layer_02", "grad_mean/layer_01", "update_ratio/layer_02",
-                "grad_absmax/layer_01", "act_mean/layer_00", "act_std/layer_01", "act_saturation/layer_01",
-                "backprop_norm/layer_00", "backprop_norm/layer_03", "backprop_ratio"):
-        a, b = (client.get_metric_history(runs[n].info.run_id, key)[0] for n in ("ddp", "single"))
-        assert a.step == b.step == 0 and a.value == pytest.approx(b.value, rel=1e-5), key
-    assert not list((tmp_path / "ddp").glob("**/mlruns"))
-    assert sorted(p.name for p in (tmp_path / "ddp").glob("*.parquet")) == ["histograms.parquet", "trace.parquet"]
+def test_two_process_ddp_is_one_run_with_the_global_batchs_statistics(three_ways):
+    """One run per training, FINISHED with a verdict; at step 0 every family equals the single process's on the
+    same 64 samples (weight gradients all-reduced by DDP, activations and signal reduced by us)."""
+    tmp, client = three_ways
+    single, ddp = _runs(client, "single"), _runs(client, "ddp")
+    assert sorted(ddp) == sorted(ACTS)
+    for act, run in ddp.items():
+        assert run.info.status == "FINISHED" and run.data.tags["verdict"] and run.data.tags["devices"] == "2"
+        assert "act_* and backprop_* reduced across the processes" in run.data.tags["stats_scope"]
+        _same_step0(client, run, single[act])
+    assert not list((tmp / "ddp").glob("**/mlruns"))
+    for job in ("0", "1"):
+        assert sorted(p.name for p in (tmp / "ddp" / job).glob("*.parquet")) == ["histograms.parquet", "trace.parquet"]
+
+
+@pytest.mark.slow
+def test_a_sweep_trial_on_two_processes_is_one_run_with_the_global_batchs_statistics(three_ways):
+    """Each trial of the study trains on 2 processes: one child run per trial, FINISHED, with a verdict and the
+    single process's statistics; the second rank ran that trial's overrides alone, in the trial's folder."""
+    tmp, client = three_ways
+    single, trials = _runs(client, "single"), _runs(client, "sweep")
+    assert sorted(trials) == sorted(ACTS)
+    for act, run in trials.items():
+        assert run.info.status == "FINISHED" and run.data.tags["verdict"] and run.data.tags["devices"] == "2", act
+        _same_step0(client, run, single[act])
+    for trial in ("trial_0", "trial_1"):
+        assert (tmp / "sweep" / trial / "train_ddp_process_1.log").exists()
+        assert len(list((tmp / "sweep" / trial).glob("trace.parquet"))) == 1
+    assert not list(tmp.glob("sweep/*/*/multirun.yaml"))  # the second rank started no sweep of its own
 
 
 def test_a_sharded_strategy_is_refused_while_statistics_are_on():
@@ -114,3 +166,21 @@ def test_a_sharded_strategy_is_refused_while_statistics_are_on():
     assert "do not support sharded weights (FSDPStrategy)" in refuse_sharded(trainer, [GradientStatsCallback()])
     assert refuse_sharded(trainer, []) is None  # stats=off: nothing to get wrong
     assert refuse_sharded(SimpleNamespace(strategy=type("DDPStrategy", (), {})()), [GradientStatsCallback()]) is None
+
+
+def test_gpus_per_trial_gives_each_worker_its_own_group_of_gpus_and_each_trial_as_many_devices():
+    from types import SimpleNamespace
+
+    from src.sweeps.space import SweepConfigError
+    from src.sweeps.worker import gpu_slots, trial_devices
+
+    assert gpu_slots(["0", "1", "2", "3", "4"], 2) == ["0,1", "2,3"]  # GPU 4 left idle: no group of 2
+    assert gpu_slots(["0", "1"], 1) == ["0", "1"] and gpu_slots([], 1) == []
+    sw = SimpleNamespace(gpus=[0, 1, 2, 3], gpus_per_trial=2)
+    assert trial_devices(sw, ["activation=relu"]) == ["activation=relu", "trainer.devices=2"]
+    assert trial_devices(sw, ["trainer.devices=2"]) == ["trainer.devices=2"]
+    with pytest.raises(SweepConfigError, match="gpus_per_trial=2 but trainer.devices=4"):
+        trial_devices(sw, ["trainer.devices=4"])
+    with pytest.raises(SweepConfigError, match=r"needs at least 2 GPUs listed in hydra.sweeper.gpus \(got none\)"):
+        trial_devices(SimpleNamespace(gpus=None, gpus_per_trial=2), [])
+    assert trial_devices(SimpleNamespace(gpus=None, gpus_per_trial=1), ["x=1"]) == ["x=1"]

@@ -13,7 +13,7 @@ class GradflowSweeper(Sweeper):
                  storage: str | None = None, n_trials: int | None = 20, workers: int = 1,
                  params: Any = None, pruner: Any = None, max_retries: int = 2,
                  heartbeat_interval: float = 10.0, grace_period: float = 60.0, torch_threads: int | None = None,
-                 gpus: Any = None, search_space: Any = None, custom_search_space: Any = None,
+                 gpus: Any = None, gpus_per_trial: int = 1, search_space: Any = None, custom_search_space: Any = None,
                  n_jobs: int | None = None) -> None:
         if search_space or custom_search_space:
             raise ValueError("hydra.sweeper.search_space / custom_search_space are not supported: "
@@ -25,7 +25,7 @@ class GradflowSweeper(Sweeper):
         self.n_trials, self.workers, self.params, self.pruner = n_trials, workers, params, pruner
         self.max_retries, self.heartbeat_interval, self.grace_period = max_retries, heartbeat_interval, \
             grace_period
-        self.torch_threads, self.gpus = torch_threads, gpus
+        self.torch_threads, self.gpus, self.gpus_per_trial = torch_threads, gpus, gpus_per_trial
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins

@@ -1,5 +1,6 @@
 """The LightningModules that train a network: cross-entropy classification and mean-squared-error
-regression. They log train/* every step and val/* every epoch."""
+regression. They log train/* every step and val/* every epoch. Under several processes (DDP) train/* is global
+rank 0's part of each batch; val/* is averaged over the ranks."""
 from __future__ import annotations
 
 import lightning as L
@@ -35,7 +36,9 @@ class Classifier(L.LightningModule):
         return self._step(batch, "train", on_step=True, on_epoch=False, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val", on_step=False, on_epoch=True, prog_bar=True)
+        # several processes: the mean over the ranks' parts of the set (one all-reduce per epoch); the objective
+        # of a sweep must not be rank 0's part alone
+        self._step(batch, "val", on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         return registry.optimizer(self.optimizer_name, self.parameters(), **self.optimizer_params)

@@ -69,6 +69,7 @@ def run(sw, arguments: list[str]) -> None:
     is_grid = (sw.sampler or {}).get("_target_") == GRID_SAMPLER
     try:
         swept, fixed = space.parse_space(sw.params, [a for a in arguments if not a.startswith("hydra.")])
+        fixed = trial_devices(sw, fixed)
         points = space.grid_points(swept) if is_grid else []
         validate_points(sw, fixed, points or [{}])
         policy = leases.Policy(sw.max_retries, sw.heartbeat_interval, sw.grace_period)
@@ -171,11 +172,40 @@ def parent_run(sweep: Sweep, uri: str, where: str) -> tuple[str, str]:
     return run_id, exp_id
 
 
+def per_trial(sw) -> int:
+    return int(sw.gpus_per_trial or 1)
+
+
+def trial_devices(sw, fixed: list[str]) -> list[str]:
+    """The fixed overrides with `trainer.devices=k` when each trial trains on k GPUs (one process per GPU, one
+    MLflow run: src.tracking.ranks); one GPU per trial needs nothing."""
+    k = per_trial(sw)
+    if k < 1:
+        raise space.SweepConfigError(f"hydra.sweeper.gpus_per_trial={k}: it must be 1 or more")
+    if k == 1:
+        return fixed
+    gpu_slots([str(g) for g in (sw.gpus or [])], k)  # enough GPUs listed for one trial
+    given = [a for a in fixed if a.split("=")[0].lstrip("+") == "trainer.devices"]
+    if given and given[-1].split("=", 1)[1] != str(k):
+        raise space.SweepConfigError(f"hydra.sweeper.gpus_per_trial={k} but {given[-1]}: a trial trains on the "
+                                     f"GPUs it is given; leave trainer.devices out (it becomes {k})")
+    return fixed if given else fixed + [f"trainer.devices={k}"]
+
+
+def gpu_slots(gpus: list[str], k: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of the workers when each trial trains on k GPUs: the listed GPUs in groups of k
+    (worker i takes group i mod the number of groups); GPUs past the last full group are left idle."""
+    if k > 1 and len(gpus) < k:
+        raise space.SweepConfigError(f"hydra.sweeper.gpus_per_trial={k} needs at least {k} GPUs listed in "
+                                     f"hydra.sweeper.gpus (got {gpus or 'none'}), e.g. hydra.sweeper.gpus=[0,1]")
+    return [",".join(gpus[j:j + k]) for j in range(0, len(gpus) - k + 1, k)]
+
+
 def start_siblings(sweep: Sweep) -> list:
     """workers > 1: workers - 1 more workers of the same study, forked from this one once it has joined the
     study (a fork costs milliseconds; a fresh interpreter would import torch again)."""
     sw = sweep.sw
-    gpus = [str(g) for g in (sw.gpus or [])]
+    gpus = gpu_slots([str(g) for g in (sw.gpus or [])], per_trial(sw))
     fork = mp.get_context("fork")
     procs = [fork.Process(target=_sibling, args=(sweep, gpus[i % len(gpus)] if gpus else None), daemon=False)
              for i in range(1, int(sw.workers or 1))]

@@ -8,9 +8,11 @@ then (Lightning sets them again, the same, when fit starts)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import lightning as L
+import torch
 
 
 def global_rank(trainer: L.Trainer) -> int:
@@ -41,7 +43,8 @@ def scope_tags(trainer: L.Trainer) -> dict[str, str]:
     return {"devices": str(n), "strategy": type(trainer.strategy).__name__,
             "stats_scope": f"the global batch of the {n} processes: grad_* and update_ratio from the all-reduced "
                            f"gradient, act_* and backprop_* reduced across the processes; histograms and the "
-                           f"signal through time: global rank 0's shard, 1/{n} of each batch"}
+                           f"signal through time, train/*: global rank 0's shard, 1/{n} of each batch; val/*: "
+                           f"averaged over the processes"}
 
 
 SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -57,26 +60,44 @@ def refuse_sharded(trainer: L.Trainer, callbacks: list) -> str | None:
     return None
 
 
+# what Lightning's launcher sets in this process's environment for the other ranks (and reads back later)
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 @contextlib.contextmanager
-def this_job_alone():
-    """While fit starts the other ranks: Lightning starts them on this machine by running this command again
-    (sys.argv, and for a Hydra job `hydra.run.dir`). In a multirun, a sweep's trial included, that command is the
-    whole multirun; here it is this job's overrides alone, run in this job's folder."""
+def this_job_alone(trainer: L.Trainer):
+    """Around one training (fit and its last validation) on several processes. Lightning starts the other ranks
+    on this machine by running this command again (sys.argv, and for a Hydra job `hydra.run.dir`): in a
+    multirun, a sweep's trial included, that command is the whole multirun, so here it is this job's overrides
+    alone, run in this job's folder. Afterwards the process group is destroyed and the launcher's environment
+    undone, so that the next job of a multirun starts its own ranks (with LOCAL_RANK left set, Lightning would
+    take it for a rank started by someone else and wait for peers that never come)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict, read_write
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if world_size(trainer) == 1:
         yield
         return
-    hc, argv = HydraConfig.get(), list(sys.argv)
-    with read_write(hc), open_dict(hc):
-        run_dir = OmegaConf.to_container(hc.run)["dir"]  # as configured, ${now:...} unresolved
-        hc.run.dir = hc.runtime.output_dir
-    sys.argv[1:] = list(hc.overrides.task)
+    env, argv = {k: os.environ.get(k) for k in LAUNCH_ENV}, list(sys.argv)
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    run_dir = None
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        with read_write(hc), open_dict(hc):
+            run_dir = OmegaConf.to_container(hc.run)["dir"]  # as configured, ${now:...} unresolved
+            hc.run.dir = hc.runtime.output_dir
+        sys.argv[1:] = list(hc.overrides.task)
     try:
         yield
     finally:
         sys.argv[:] = argv
-        with read_write(hc), open_dict(hc):
-            hc.run.dir = run_dir
+        if run_dir is not None:
+            with read_write(hc), open_dict(hc):
+                hc.run.dir = run_dir
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
