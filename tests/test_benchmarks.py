@@ -38,6 +38,13 @@ def test_overhead_mlp_and_models():
         assert re.search(rf"^\| {label}[^|]* \| stats \|", out, re.M), label
 
 
+def test_overhead_under_ddp():
+    out = bench("benchmarks/overhead.py", "--ddp", "2", "--models", "small", "--steps", "6", "--warmup", "2",
+                "--repeats", "1")
+    assert ratio(out, "overhead_ratio_ddp2_small") > 0
+    assert re.search(r"^\| 10x64 sigmoid \| stats \| [\d.]+ \|", out, re.M)
+
+
 def test_overhead_rejects_an_unknown_model():
     out = subprocess.run([sys.executable, "benchmarks/overhead.py", "--models", "small,vgg"], cwd=ROOT,
                          capture_output=True, text=True)

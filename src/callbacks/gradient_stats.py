@@ -176,15 +176,11 @@ class GradientStatsCallback(L.Callback):
             return
         params = self.params.flush(n)
         act = torch.full((n, len(self.recorded), len(ACT_STATS)), float("nan"), device=params.device)
-        count = torch.zeros(n, len(self.recorded), dtype=torch.float64, device=params.device)
         if self.activations is not None:
             act[:, self.activations.layers] = self.activations.flush(n).to(act.device)
-            count[:, self.activations.layers] = self.activations.counts(n).to(act.device)
         squares = self.signals.squares(n).to(params.device)
-        if self._gather is not None and not self._shards_lost:
-            squares, act = across_ranks.combine(self._gather(across_ranks.shard_columns(squares, act, count)))
-        elif self._world > 1:  # after a failure: not the global batch's, and its shards are out of reach
-            squares, act = torch.full_like(squares, float("nan")), torch.full_like(act, float("nan"))
+        if self._world > 1:
+            squares, act = self._global_batch(n, squares, act)
         signal = SignalNorms.norms(squares, self._inv_scale)
         values = torch.cat([params[..., :GRAD_COLUMNS], signal[..., None], act, params[..., GRAD_COLUMNS:]],
                            dim=2).cpu().numpy()  # one host sync for n steps
@@ -194,6 +190,15 @@ class GradientStatsCallback(L.Callback):
                 self.trace.append(step, v)
             if step % self.log_every_n_steps == 0:
                 self._log(module_metrics(v, self.modules, self.act_rows, self.layers), step)
+
+    def _global_batch(self, n: int, squares, act):
+        """The signal squares and activation statistics of the global batch from every rank's shard."""
+        if self._shards_lost:  # after a failure the other ranks are out of reach: not known, rather than a shard's
+            return torch.full_like(squares, float("nan")), torch.full_like(act, float("nan"))
+        count = torch.zeros(n, len(self.recorded), dtype=torch.float64, device=act.device)
+        if self.activations is not None:
+            count[:, self.activations.layers] = self.activations.counts(n).to(act.device)
+        return across_ranks.combine(self._gather(across_ranks.shard_columns(squares, act, count)))
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         for logger in self._loggers:
