@@ -8,8 +8,10 @@ import warnings
 
 # Lightning's advertisement for its own logging product, printed by every Trainer without one
 ADVERT = re.compile(r"^💡 Tip: .*litlogger")
-# torch deprecates LeafSpec, which Lightning's pytree helper still uses; nothing a user of ours can change
-HARMLESS_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+# torch deprecates LeafSpec, which Lightning's pytree helper still uses; and the all_gather Lightning's DDP
+# strategy calls (the statistics' one collective per flush): nothing a user of ours can change
+HARMLESS_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                     r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 class _DropAdvert(logging.Filter):
