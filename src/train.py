@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float | str]:
     validated = LastValidation()
     trainer = L.Trainer(**build.plain(cfg.trainer), logger=False, callbacks=callbacks + bar + [validated],
                         default_root_dir=str(out_dir))
-    refused = ranks.refuse_sharded(trainer, callbacks)
+    refused = ranks.refused(trainer, callbacks)
     if refused:  # before any MLflow run exists
         raise validate.ConfigError(refused)
     if ranks.global_rank(trainer) != 0:  # one MLflow run per training, global rank 0's: the others only train

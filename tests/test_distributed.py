@@ -154,12 +154,26 @@ def test_a_sweep_trial_on_two_processes_is_one_run_with_the_global_batchs_statis
     assert not list(tmp.glob("sweep/*/*/multirun.yaml"))  # the second rank started no sweep of its own
 
 
+@pytest.mark.slow
+def test_a_strategy_that_starts_its_processes_inside_fit_is_refused_before_any_run(tmp_path):
+    """ddp_spawn trains in processes the run never sees (before: an MLflow run, then a pickling error)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    done = subprocess.run([sys.executable, "-m", "src.train", "trainer.accelerator=cpu", "trainer.devices=2",
+                           "trainer.strategy=ddp_spawn", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"],
+                          cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "processes started by spawn from inside fit cannot be tracked as one run" in done.stderr
+    assert "trainer.strategy=ddp" in done.stderr
+    assert not MlflowClient(uri).search_runs(["0", "1"])
+
+
 def test_a_sharded_strategy_is_refused_while_statistics_are_on():
     """FSDP needs a GPU to be built at all, so the rule is checked on the strategy's class name."""
     from types import SimpleNamespace
 
     from src.callbacks.gradient_stats import GradientStatsCallback
-    from src.tracking.ranks import refuse_sharded
+    from src.tracking.ranks import refused as refuse_sharded
 
     FSDPStrategy = type("FSDPStrategy", (), {})
     trainer = SimpleNamespace(strategy=FSDPStrategy())

@@ -50,13 +50,19 @@ def scope_tags(trainer: L.Trainer) -> dict[str, str]:
 SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
-def refuse_sharded(trainer: L.Trainer, callbacks: list) -> str | None:
-    """Why this training cannot be recorded (None when it can): under a sharded strategy each process holds a
-    shard of every weight, and the weight statistics would describe the shard, not the tensor."""
+def refused(trainer: L.Trainer, callbacks: list) -> str | None:
+    """Why this training cannot be recorded (None when it can). Under a sharded strategy each process holds a
+    shard of every weight, and the weight statistics would describe the shard, not the tensor. A strategy that
+    starts its processes from inside fit (ddp_spawn, ddp_fork, ddp_notebook) trains in processes that the MLflow
+    run, its writer and the callbacks of this one never see."""
     name = type(trainer.strategy).__name__
     if name in SHARDED and any(records_statistics(c) for c in callbacks):
         return (f"trainer.strategy: the statistics do not support sharded weights ({name}) yet; use "
                 "trainer.strategy=ddp, or stats=off to train without them")
+    start = getattr(trainer.strategy, "_start_method", "popen")  # Lightning's DDPStrategy: how ranks are started
+    if start != "popen":
+        return (f"trainer.strategy: processes started by {start} from inside fit cannot be tracked as one run; use "
+                "trainer.strategy=ddp (the same training, each process started as a command)")
     return None
 
 
