@@ -82,7 +82,6 @@ class GradientStatsCallback(L.Callback):
         self._step: int | None = None        # the optimizer step being recorded
         self._stepped = False                # the optimizer has stepped for it (not mid-accumulation)
         self._gather = None                  # several processes: the strategy's all_gather
-        self._world = 1
         self._shards_lost = False            # a failure broke the collective: the shards cannot be combined
 
     def select(self, model) -> list:
@@ -106,7 +105,7 @@ class GradientStatsCallback(L.Callback):
         self.device = groups[0][0].device
         self.signals = SignalNorms(self.capacity, len(groups), self.device, self.params.lib)
         self._gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
-        self._world, self._shards_lost = trainer.world_size, False
+        self._shards_lost = False
         self._loggers = trainer.loggers
         if not trainer.is_global_zero:  # it reduces its shard with the others; rank 0 writes what they make
             self.through_time = ThroughTime([])  # the signal through time is rank 0's shard's alone
@@ -179,7 +178,7 @@ class GradientStatsCallback(L.Callback):
         if self.activations is not None:
             act[:, self.activations.layers] = self.activations.flush(n).to(act.device)
         squares = self.signals.squares(n).to(params.device)
-        if self._world > 1:
+        if self._gather is not None:
             squares, act = self._global_batch(n, squares, act)
         signal = SignalNorms.norms(squares, self._inv_scale)
         values = torch.cat([params[..., :GRAD_COLUMNS], signal[..., None], act, params[..., GRAD_COLUMNS:]],
